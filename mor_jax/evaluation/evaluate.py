@@ -1,0 +1,138 @@
+"""Load a trained run, evaluate it on the held-out split, and generate text from it.
+
+`load_run` is the notebook entry point:
+
+    run = load_run("runs/default")
+    logits, aux = run.model.apply({"params": run.params}, tokens)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mor_jax.config import Config, MeshConfig, MorJaxError, load_config
+from mor_jax.data import Tokenizer, load_documents, make_tokenizer, make_val_batches, pack_documents
+from mor_jax.model import LanguageModel, build_model
+from mor_jax.training import checkpoint as ckpt
+from mor_jax.training.evaluation import evaluate_batches
+from mor_jax.training.mesh import batch_sharding, logical_rules, make_mesh
+from mor_jax.training.state import abstract_state, make_optimizer, state_shardings
+from mor_jax.training.steps import make_eval_step
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A restored checkpoint: everything needed to run the model."""
+
+    config: Config
+    model: LanguageModel
+    params: Any
+    tokenizer: Tokenizer
+    step: int
+    run_dir: str
+
+
+def load_run(run_dir: str, step: Optional[int] = None) -> LoadedRun:
+    """Restore the latest (or the given) checkpoint of a run directory written by `train`.
+
+    Parameters are replicated over the local devices, whatever mesh the run was trained on.
+    """
+    config_path = os.path.join(run_dir, ckpt.CONFIG_FILE)
+    if not os.path.isdir(run_dir):
+        raise MorJaxError(f"run directory not found: {run_dir}")
+    if not os.path.isfile(config_path):
+        raise MorJaxError(f"{run_dir} has no {ckpt.CONFIG_FILE}; it is not a mor_jax run directory")
+    config = load_config(config_path)
+    if not os.path.isdir(ckpt.checkpoint_dir(run_dir)):
+        raise MorJaxError(f"{run_dir} has no checkpoints yet; train it first")
+    manager = ckpt.make_manager(run_dir, read_only=True)
+    available = manager.all_steps()
+    if not available:
+        raise MorJaxError(f"{run_dir} has no complete checkpoint; train it first")
+    if step is None:
+        step = max(available)
+    elif step not in available:
+        raise MorJaxError(f"no checkpoint for step {step} in {run_dir}; available steps: {sorted(available)}")
+
+    mesh_config = MeshConfig(data=-1, fsdp=1, tensor=1, rules=config.mesh.rules)
+    mesh = make_mesh(mesh_config)
+    rules = logical_rules(mesh_config)
+    model = build_model(config.model)
+    optimizer = make_optimizer(config.train)
+    shardings = state_shardings(config, model, optimizer, mesh, rules)
+    target = ckpt.abstract_target(abstract_state(config, model, optimizer), shardings)
+    state = ckpt.restore(manager, step, target)
+    manager.close()
+    return LoadedRun(config, model, state.params, make_tokenizer(config.data), int(step), os.path.abspath(run_dir))
+
+
+def evaluate_run(run: LoadedRun, max_batches: int = 0) -> dict:
+    """Held-out loss, bits per byte, perplexity and routing statistics of a loaded run."""
+    config = run.config
+    _, val_docs = load_documents(config.data)
+    rows = pack_documents(val_docs, run.tokenizer, config.data.seq_len)
+    batches = make_val_batches(config.data, rows)
+    mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1))
+    sharding = batch_sharding(mesh, logical_rules(config.mesh))
+    eval_step = jax.jit(make_eval_step(run.model, run.tokenizer.pad_id, run.tokenizer.token_byte_lengths()))
+    with jax.set_mesh(mesh):
+        result = evaluate_batches(eval_step, run.params, batches, sharding, max_batches)
+    result["step"] = run.step
+    return result
+
+
+def generate_text(
+    run: LoadedRun,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    seed: int = 0,
+) -> str:
+    """Sample a continuation of `prompt` by recomputing the full context each token (no KV cache).
+
+    Expert-choice recursions route causally here (sigmoid(router logit) >= 0.5), so a token's depth never depends
+    on tokens after it. The context is the last data.seq_len tokens. temperature=0 is greedy decoding.
+    """
+    if max_new_tokens < 0:
+        raise MorJaxError(f"max_new_tokens={max_new_tokens} must be >= 0")
+    if temperature < 0:
+        raise MorJaxError(f"temperature={temperature} must be >= 0")
+    tokenizer = run.tokenizer
+    window = run.config.data.seq_len
+    # Documents are separated by EOS in training, so EOS marks the start of a document.
+    ids = [tokenizer.eos_id] + [int(t) for t in tokenizer.encode(prompt)]
+    vocab = run.config.model.vocab_size
+    allowed = np.zeros((vocab,), bool)
+    allowed[: tokenizer.vocab_size] = True
+    allowed[tokenizer.pad_id] = False
+    allowed = jnp.asarray(allowed)
+
+    @jax.jit
+    def next_logits(params, context, length):
+        logits, _ = run.model.apply({"params": params}, context, causal_routing=True)
+        last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=False)
+        return jnp.where(allowed, last, -jnp.inf)
+
+    rng = jax.random.key(seed)
+    generated = []
+    for _ in range(max_new_tokens):
+        context = ids[-window:]
+        buffer = np.full((1, window), tokenizer.pad_id, np.int32)
+        buffer[0, : len(context)] = context
+        logits = next_logits(run.params, jnp.asarray(buffer), len(context))
+        if temperature == 0:
+            token = int(jnp.argmax(logits))
+        else:
+            rng, key = jax.random.split(rng)
+            token = int(jax.random.categorical(key, logits / temperature))
+        if token == tokenizer.eos_id:
+            break
+        ids.append(token)
+        generated.append(token)
+    return tokenizer.decode(np.asarray(generated, np.int32))

@@ -1,0 +1,139 @@
+"""Llama-style decoder layer: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP.
+
+Every parameter carries logical axis names (`embed`, `heads`, `kv_heads`, `kv`, `mlp`, `vocab`, `norm`); the mesh
+rules in `MeshConfig.rules` map them to mesh axes. Shapes use: B batch, T seq, D embed, H heads, K kv heads,
+Dh head_dim, F mlp.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mor_jax.config import ModelConfig
+
+
+def dtype_of(config: ModelConfig):
+    return jnp.bfloat16 if config.dtype == "bfloat16" else jnp.float32
+
+
+def weight_init(config: ModelConfig, axes: tuple):
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=config.init_std), axes)
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32; the output is cast back to the compute dtype."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)), (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.config.norm_eps)
+        return (x32 * inv_rms * scale).astype(dtype_of(self.config))
+
+
+def apply_rope(x, positions, theta: float):
+    """Rotate query or key heads by their absolute positions.
+
+    x: [B, T, heads, Dh]; positions: int [B, T] (the tokens' original positions, also after a gather).
+    """
+    head_dim = x.shape[-1]
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    first, second = x32[..., :half], x32[..., half:]
+    rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE and an explicit boolean mask.
+
+    mask: bool [B, T, T], True where query t may attend to key s. Every row must allow at least one key (callers
+    keep the diagonal), so the softmax never sees a fully masked row.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        cfg = self.config
+        dtype = dtype_of(cfg)
+        heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+        def projection(name, features, axes):
+            return nn.DenseGeneral(
+                features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                kernel_init=weight_init(cfg, axes), name=name,
+            )
+
+        q = projection("query", (heads, head_dim), ("embed", "heads", "kv"))(x)  # [B, T, H, Dh]
+        k = projection("key", (kv_heads, head_dim), ("embed", "kv_heads", "kv"))(x)  # [B, T, K, Dh]
+        v = projection("value", (kv_heads, head_dim), ("embed", "kv_heads", "kv"))(x)
+        q = apply_rope(q, positions, cfg.rope_theta)
+        k = apply_rope(k, positions, cfg.rope_theta)
+
+        batch, seq = x.shape[0], x.shape[1]
+        group = heads // kv_heads
+        q = q.reshape(batch, seq, kv_heads, group, head_dim)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) / jnp.sqrt(head_dim).astype(jnp.float32)
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, seq, heads, head_dim)
+        return nn.DenseGeneral(
+            cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+            kernel_init=weight_init(cfg, ("heads", "kv", "embed")), name="out",
+        )(out)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dtype = dtype_of(cfg)
+
+        def dense(name, features, axes):
+            return nn.Dense(features, use_bias=False, dtype=dtype, param_dtype=jnp.float32,
+                            kernel_init=weight_init(cfg, axes), name=name)
+
+        hidden = nn.silu(dense("gate", cfg.d_ff, ("embed", "mlp"))(x)) * dense("up", cfg.d_ff, ("embed", "mlp"))(x)
+        return dense("down", cfg.d_model, ("mlp", "embed"))(hidden)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm decoder layer including both residual connections: x + attn(norm(x)), then + mlp(norm(.))."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        h = x + Attention(self.config, name="attention")(RMSNorm(self.config, name="attention_norm")(x), positions,
+                                                         mask)
+        return h + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(h))
+
+
+def causal_mask(batch: int, seq: int):
+    """bool [B, T, T]: query t may attend to keys s <= t."""
+    mask = jnp.tril(jnp.ones((seq, seq), dtype=bool))
+    return jnp.broadcast_to(mask, (batch, seq, seq))
+
+
+def kept_key_mask(kept):
+    """Causal mask restricted to kept keys, plus each token's own diagonal.
+
+    kept: bool [B, T]. A kept query attends only to earlier kept keys (recursion-wise KV caching). An unkept query
+    sees only itself: its output is discarded, and the diagonal keeps its softmax row finite.
+    """
+    batch, seq = kept.shape
+    mask = causal_mask(batch, seq) & kept[:, None, :]
+    return mask | jnp.eye(seq, dtype=bool)[None]
