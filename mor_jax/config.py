@@ -60,7 +60,7 @@ class ModelConfig:
     head_dim: int = 64
     # Hidden width of the SwiGLU MLP.
     d_ff: int = 768
-    # Longest sequence the model accepts, in tokens.
+    # Maximum sequence length the model accepts, in tokens.
     max_seq_len: int = 2048
     # RoPE base frequency.
     rope_theta: float = 10000.0
@@ -114,7 +114,7 @@ class DataConfig:
     text_field: str = "text"
     # Tokenizer: "byte" (256 byte ids plus EOS and PAD).
     tokenizer: str = "byte"
-    # Tokens per training row (each row holds seq_len + 1 tokens: inputs and shifted targets).
+    # Tokens per training row (each row contains seq_len + 1 tokens: inputs and shifted targets).
     seq_len: int = 256
     # Rows per optimizer step, over all processes and devices.
     batch_size: int = 16
