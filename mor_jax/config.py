@@ -8,6 +8,7 @@ and invalid values raise `ConfigError` naming the key and the allowed values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -25,11 +26,20 @@ class ConfigError(MorJaxError, ValueError):
 
 
 KINDS = ("vanilla", "recursive", "mor")
-ROUTINGS = ("expert_choice",)
-SHARINGS = ("middle_cycle",)
+ROUTINGS = ("expert_choice", "token_choice")
+SHARINGS = ("cycle", "sequence", "middle_cycle", "middle_sequence")
+ROUTER_FUNCTIONS = ("sigmoid", "tanh")
+ROUTER_TYPES = ("linear", "mlp")
+CAUSALITY_FIXES = ("bce", "aux_router")
+BALANCINGS = ("loss", "loss_free")
+KV_STRATEGIES = ("recursion_wise_caching", "recursive_sharing")
+EXECUTIONS = ("masked", "gathered")
 DTYPES = ("float32", "bfloat16")
+REMATS = ("none", "full", "save_dots")
 DATA_SOURCES = ("shakespeare", "files")
 TOKENIZERS = ("byte",)
+NONFINITE_POLICIES = ("skip", "stop")
+MULTI_PROCESS_MODES = ("auto", "cluster", "off")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +50,11 @@ class ModelConfig:
     # "mor": middle-cycle sharing with a router choosing which tokens each recursion processes.
     kind: str = "mor"
     # Routing scheme for kind="mor". "expert_choice": each recursion keeps the top-k tokens of every sequence.
+    # "token_choice": one router assigns each token its depth after the prelude.
     routing: str = "expert_choice"
-    # Parameter-sharing strategy of the recursive models. "middle_cycle": one unique prelude layer, a block of
-    # (num_layers - 2) / num_recursions distinct layers applied num_recursions times, one unique coda layer.
+    # Parameter-sharing strategy of the recursive models, mapping unrolled layer l to a unique layer:
+    # "cycle" l mod (L / N_r); "sequence" l // N_r; "middle_cycle" and "middle_sequence" keep the first and last
+    # layers unique and apply cycle or sequence to the L - 2 layers between them.
     sharing: str = "middle_cycle"
     # Number of unrolled decoder layers L (prelude + recursions x block + coda for the recursive models).
     num_layers: int = 8
@@ -73,17 +85,70 @@ class ModelConfig:
     # Fraction of each sequence that recursion r keeps (expert-choice), one value per recursion, in (0, 1] and
     # non-increasing. Empty: the default (N_r - r) / N_r for r = 0 .. N_r - 1, i.e. 1, 2/3, 1/3 for N_r = 3.
     capacities: tuple = ()
-    # Gate scale alpha: gate = alpha * sigmoid(router logit).
-    gate_scale: float = 0.1
+    # Gate scale alpha. Empty (null): 0.1 for expert-choice (gate = alpha * sigmoid(logit)) and 1.0 for token-choice
+    # (gate = alpha * softmax(logits)).
+    gate_scale: Optional[float] = None
     # If false, kept tokens are updated as Block(h) instead of h + gate * Block(h) (used to compare with "recursive").
     gating: bool = True
-    # Coefficient of the auxiliary BCE loss that teaches the router's sigmoid to predict top-k membership.
+    # Expert-choice router nonlinearity: "sigmoid" or "tanh" (gate = alpha * tanh(logit)).
+    router_function: str = "sigmoid"
+    # Router network: "linear" (d_model -> outputs, no bias) or "mlp" (d_model -> router_mlp_dim -> outputs, GELU).
+    router_type: str = "linear"
+    # Hidden width of the MLP router (0: d_model).
+    router_mlp_dim: int = 0
+    # How expert-choice routing becomes causal for decoding: "bce" trains the router's logits against top-k
+    # membership; "aux_router" trains a separate linear router on stop_gradient(input) for decoding only.
+    causality: str = "bce"
+    # Coefficient of the auxiliary BCE loss (of the router with causality="bce", of the auxiliary router otherwise).
     router_bce_coef: float = 0.001
+    # Learning-rate multiplier of the auxiliary router's own optimizer (causality="aux_router").
+    aux_router_lr_multiplier: float = 10.0
+    # Coefficient of the router z-loss: mean squared logit (expert-choice) or mean squared logsumexp (token-choice).
+    router_z_loss_coef: float = 0.0
+    # Expert-choice capacity warm-up: capacities go from 1.0 to their targets along a cosine over this many steps.
+    capacity_warmup_steps: int = 0
+    # Token-choice balancing: "loss" (sum_i P_i f_i, coefficient balance_loss_coef) or "loss_free" (a non-trainable
+    # bias on the routing scores, moved by bias_update_rate * sign(mean load - load) after every optimizer step).
+    balancing: str = "loss"
+    balance_loss_coef: float = 0.1
+    bias_update_rate: float = 0.001
+    # "recursion_wise_caching": recursion r attends among the tokens active at r. "recursive_sharing": keys and
+    # values computed at the first recursion are reused by every later recursion; only queries shrink.
+    kv_strategy: str = "recursion_wise_caching"
+    # "gathered": each recursion computes only its selected tokens (k_r per sequence, or the token-choice capacity
+    # buffer), which saves compute. "masked": every token runs every recursion and a mask selects the updates (the
+    # exact reference; needed for capacity warm-up). Decoding-style causal routing always uses the masked path.
+    execution: str = "gathered"
+    # Token-choice buffers on the gathered path: capacity_factor x the share of tokens that reach each recursion
+    # under balanced routing. Tokens beyond a full buffer stop early (logged as overflow_fraction).
+    capacity_factor: float = 1.0
+    # Rematerialisation of every decoder layer in the backward pass (jax.checkpoint through flax.linen.remat).
+    # "none": keep all activations. "full": keep only each layer's inputs and recompute the rest. "save_dots": keep
+    # the outputs of matmuls against weights (jax.checkpoint_policies.dots_with_no_batch_dims_saveable) and
+    # recompute attention scores, norms and activations. The gradients are the same up to float rounding.
+    remat: str = "none"
+
+    @property
+    def effective_gate_scale(self) -> float:
+        """Gate scale alpha with the routing's default filled in."""
+        if self.gate_scale is not None:
+            return float(self.gate_scale)
+        return 1.0 if self.routing == "token_choice" else 0.1
+
+    @property
+    def recursion_start(self) -> int:
+        """Number of unique layers before the recursion block (1 for the middle strategies)."""
+        return 1 if self.sharing.startswith("middle") else 0
+
+    @property
+    def recursion_layers(self) -> int:
+        """Number of unrolled layers inside the recursions."""
+        return self.num_layers - 2 * self.recursion_start
 
     @property
     def block_layers(self) -> int:
-        """Number of distinct layers in the shared recursion block."""
-        return (self.num_layers - 2) // self.num_recursions
+        """Number of layers one recursion applies (the unique layers of the recursion part)."""
+        return self.recursion_layers // self.num_recursions
 
     def capacity_fractions(self) -> tuple[float, ...]:
         """Return the capacity of every recursion, filling in the default schedule."""
@@ -130,6 +195,9 @@ class TrainConfig:
     run_dir: str = "runs/default"
     # Number of optimizer steps.
     steps: int = 1000
+    # Forward-FLOP budget of the run (as the MoR paper counts compute). When > 0 it replaces `steps` by
+    # budget / (forward FLOPs per sequence x data.batch_size).
+    flop_budget: float = 0.0
     # Peak learning rate of the warmup-stable-decay schedule.
     learning_rate: float = 3e-3
     # Linear warmup length, in steps.
@@ -157,6 +225,12 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # Show a tqdm progress bar.
     progress_bar: bool = True
+    # What a step whose loss, gradients or updated state contain NaN or infinity does. "skip": keep the parameters
+    # and optimizer state of the step before, count the step and go on. "stop": end the run with an error at once.
+    nonfinite: str = "skip"
+    # With nonfinite="skip", the run stops with an error at this many skipped steps, counted since the process
+    # started (a resumed run starts counting again).
+    max_nonfinite_steps: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +241,10 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # Multi-process start-up (jax.distributed.initialize, see mor_jax/training/distributed.py). "auto": only when
+    # the environment sets JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. "cluster": always, with
+    # JAX's auto-detection (Cloud TPU pod slices, Slurm, Open MPI). "off": never.
+    multi_process: str = "auto"
     # Logical axis name -> mesh axis (or list of mesh axes, or null for replicated).
     rules: tuple = (
         ("batch", ("data", "fsdp")),
@@ -353,30 +431,53 @@ def _positive(key: str, value) -> None:
         raise ConfigError(f"{key}={value} must be > 0")
 
 
-def validate(config: Config) -> None:
-    """Raise `ConfigError` for any invalid field or combination of fields."""
-    m, d, t = config.model, config.data, config.train
+def _nearest_layer_counts(m: ModelConfig) -> str:
+    fixed = 2 * m.recursion_start
+    lower = fixed + (m.num_layers - fixed) // m.num_recursions * m.num_recursions
+    upper = lower + m.num_recursions
+    if lower < fixed + m.num_recursions:
+        return f"{upper}"
+    return f"{lower} or {upper}"
+
+
+def _validate_model(m: ModelConfig) -> None:
     _choice("model.kind", m.kind, KINDS)
     _choice("model.routing", m.routing, ROUTINGS)
     _choice("model.sharing", m.sharing, SHARINGS)
     _choice("model.dtype", m.dtype, DTYPES)
-    _choice("data.source", d.source, DATA_SOURCES)
-    _choice("data.tokenizer", d.tokenizer, TOKENIZERS)
+    _choice("model.remat", m.remat, REMATS)
+    _choice("model.router_function", m.router_function, ROUTER_FUNCTIONS)
+    _choice("model.router_type", m.router_type, ROUTER_TYPES)
+    _choice("model.causality", m.causality, CAUSALITY_FIXES)
+    _choice("model.balancing", m.balancing, BALANCINGS)
+    _choice("model.kv_strategy", m.kv_strategy, KV_STRATEGIES)
+    _choice("model.execution", m.execution, EXECUTIONS)
+    if m.capacity_factor <= 0:
+        raise ConfigError(f"model.capacity_factor={m.capacity_factor} must be > 0")
+    if m.execution == "gathered" and m.capacity_warmup_steps:
+        raise ConfigError(
+            "model.capacity_warmup_steps changes the capacities every step, which the gathered path compiles as "
+            "static sizes; set model.execution=masked or model.capacity_warmup_steps=0"
+        )
     for key in ("num_layers", "num_recursions", "vocab_size", "d_model", "num_heads", "num_kv_heads", "head_dim",
                 "d_ff", "max_seq_len", "rope_theta", "norm_eps", "init_std"):
         _positive(f"model.{key}", getattr(m, key))
+    if m.head_dim % 2:
+        raise ConfigError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs of dimensions)")
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}")
     if m.kind != "vanilla":
-        if m.num_layers < 3:
-            raise ConfigError(f"model.num_layers={m.num_layers}: middle-cycle sharing needs at least 3 layers")
-        if (m.num_layers - 2) % m.num_recursions:
-            lower = 2 + (m.num_layers - 2) // m.num_recursions * m.num_recursions
-            upper = lower + m.num_recursions
-            suggestion = f"{upper}" if lower < 2 + m.num_recursions else f"{lower} or {upper}"
+        fixed = 2 * m.recursion_start
+        if m.num_layers < fixed + m.num_recursions:
             raise ConfigError(
-                f"model.num_layers={m.num_layers}: middle-cycle sharing needs (num_layers - 2) divisible by "
-                f"model.num_recursions={m.num_recursions}; nearest valid num_layers: {suggestion}"
+                f"model.num_layers={m.num_layers} is too small for {m.sharing} sharing with "
+                f"model.num_recursions={m.num_recursions}; use at least {fixed + m.num_recursions}"
+            )
+        if (m.num_layers - fixed) % m.num_recursions:
+            what = "(num_layers - 2)" if fixed else "num_layers"
+            raise ConfigError(
+                f"model.num_layers={m.num_layers}: {m.sharing} sharing needs {what} divisible by "
+                f"model.num_recursions={m.num_recursions}; nearest valid num_layers: {_nearest_layer_counts(m)}"
             )
     caps = m.capacity_fractions()
     if m.capacities:
@@ -394,10 +495,46 @@ def validate(config: Config) -> None:
                     f"model.capacities={list(caps)} must be non-increasing (recursion {r} keeps a subset of "
                     f"recursion {r - 1})"
                 )
-    if m.gate_scale <= 0:
-        raise ConfigError(f"model.gate_scale={m.gate_scale} must be > 0")
-    if m.router_bce_coef < 0:
-        raise ConfigError(f"model.router_bce_coef={m.router_bce_coef} must be >= 0")
+    if m.gate_scale is not None and m.gate_scale <= 0:
+        raise ConfigError(f"model.gate_scale={m.gate_scale} must be > 0 (or null for the routing's default)")
+    for key in ("router_bce_coef", "router_z_loss_coef", "balance_loss_coef", "bias_update_rate", "aux_router_lr_multiplier",
+                "capacity_warmup_steps", "router_mlp_dim"):
+        if getattr(m, key) < 0:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be >= 0")
+    if m.kv_strategy == "recursive_sharing":
+        if m.kind == "vanilla":
+            raise ConfigError(
+                "model.kv_strategy=recursive_sharing needs recursions; use model.kind=recursive or mor, or "
+                "kv_strategy=recursion_wise_caching"
+            )
+        if m.kind == "mor" and m.routing == "expert_choice" and caps[0] < 1.0:
+            raise ConfigError(
+                f"model.kv_strategy=recursive_sharing reuses the first recursion's keys and values for every token, "
+                f"so the first capacity must be 1.0, not {caps[0]}"
+            )
+    if m.kind == "mor" and m.routing == "token_choice":
+        if m.capacities:
+            raise ConfigError(
+                "model.capacities applies to expert-choice routing only; token-choice assigns depths with its "
+                "router (remove model.capacities or set model.routing=expert_choice)"
+            )
+        if m.capacity_warmup_steps:
+            raise ConfigError("model.capacity_warmup_steps applies to expert-choice routing only; set it to 0")
+        if m.router_function != "sigmoid" or m.causality != "bce":
+            raise ConfigError(
+                "model.router_function and model.causality apply to expert-choice routing only; token-choice "
+                "uses a softmax router and is causal by construction (leave them at sigmoid and bce)"
+            )
+        if not m.gating:
+            raise ConfigError("model.gating=false is only supported for expert-choice routing")
+
+
+def validate(config: Config) -> None:
+    """Raise `ConfigError` for any invalid field or combination of fields."""
+    m, d, t = config.model, config.data, config.train
+    _validate_model(m)
+    _choice("data.source", d.source, DATA_SOURCES)
+    _choice("data.tokenizer", d.tokenizer, TOKENIZERS)
     if d.seq_len <= 0:
         raise ConfigError(f"data.seq_len={d.seq_len} must be > 0")
     if d.seq_len > m.max_seq_len:
@@ -412,7 +549,8 @@ def validate(config: Config) -> None:
         raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
     for key in ("steps", "learning_rate", "log_every", "checkpoint_every", "keep_checkpoints"):
         _positive(f"train.{key}", getattr(t, key))
-    for key in ("warmup_steps", "eval_every", "eval_batches", "final_eval_batches", "weight_decay", "grad_clip"):
+    for key in ("warmup_steps", "eval_every", "eval_batches", "final_eval_batches", "weight_decay", "grad_clip",
+                "flop_budget"):
         if getattr(t, key) < 0:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be >= 0")
     if not 0.0 <= t.decay_fraction <= 1.0:
@@ -422,6 +560,12 @@ def validate(config: Config) -> None:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be in [0, 1)")
     if not t.run_dir:
         raise ConfigError("train.run_dir must not be empty")
+    for key in ("learning_rate", "weight_decay", "grad_clip"):
+        if not math.isfinite(getattr(t, key)):
+            raise ConfigError(f"train.{key}={getattr(t, key)} must be a finite number")
+    _choice("train.nonfinite", t.nonfinite, NONFINITE_POLICIES)
+    _positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
+    _choice("mesh.multi_process", config.mesh.multi_process, MULTI_PROCESS_MODES)
     sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
         raise ConfigError(f"mesh sizes data={sizes[0]} fsdp={sizes[1]} tensor={sizes[2]}: use positive sizes and at "

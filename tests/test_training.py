@@ -88,7 +88,7 @@ def test_checkpoint_round_trips_state_and_data_position(tmp_path):
     tokenizer = make_tokenizer(config.data)
     train_docs, _ = load_documents(config.data)
     rows = pack_documents(train_docs, tokenizer, config.data.seq_len)
-    model, optimizer = build_model(config.model), make_optimizer(config.train)
+    model, optimizer = build_model(config.model), make_optimizer(config.train, config.model)
     mesh = make_mesh(config.mesh)
     shardings = state_shardings(config, model, optimizer, mesh, logical_rules(config.mesh))
     target = ckpt.abstract_target(abstract_state(config, model, optimizer), shardings)

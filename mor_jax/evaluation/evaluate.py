@@ -3,7 +3,7 @@
 `load_run` is the notebook entry point:
 
     run = load_run("runs/default")
-    logits, aux = run.model.apply({"params": run.params}, tokens)
+    logits, aux = run.model.apply(run.variables, tokens)
 """
 
 from __future__ import annotations
@@ -36,6 +36,13 @@ class LoadedRun:
     tokenizer: Tokenizer
     step: int
     run_dir: str
+    # Non-trainable variables by collection (the loss-free balancing bias of token-choice routers).
+    model_state: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def variables(self) -> dict:
+        """All model variables, ready for `model.apply(run.variables, tokens)`."""
+        return {"params": self.params, **self.model_state}
 
 
 def load_run(run_dir: str, step: Optional[int] = None) -> LoadedRun:
@@ -51,8 +58,9 @@ def load_run(run_dir: str, step: Optional[int] = None) -> LoadedRun:
     config = load_config(config_path)
     if not os.path.isdir(ckpt.checkpoint_dir(run_dir)):
         raise MorJaxError(f"{run_dir} has no checkpoints yet; train it first")
+    # Orbax lists every numbered directory; only those with a commit marker and both items are complete.
+    available = ckpt.scan_checkpoints(run_dir).complete
     manager = ckpt.make_manager(run_dir, read_only=True)
-    available = manager.all_steps()
     if not available:
         raise MorJaxError(f"{run_dir} has no complete checkpoint; train it first")
     if step is None:
@@ -64,12 +72,13 @@ def load_run(run_dir: str, step: Optional[int] = None) -> LoadedRun:
     mesh = make_mesh(mesh_config)
     rules = logical_rules(mesh_config)
     model = build_model(config.model)
-    optimizer = make_optimizer(config.train)
+    optimizer = make_optimizer(config.train, config.model)
     shardings = state_shardings(config, model, optimizer, mesh, rules)
     target = ckpt.abstract_target(abstract_state(config, model, optimizer), shardings)
     state = ckpt.restore(manager, step, target)
     manager.close()
-    return LoadedRun(config, model, state.params, make_tokenizer(config.data), int(step), os.path.abspath(run_dir))
+    return LoadedRun(config, model, state.params, make_tokenizer(config.data), int(step), os.path.abspath(run_dir),
+                     dict(state.model_state))
 
 
 def evaluate_run(run: LoadedRun, max_batches: int = 0) -> dict:
@@ -82,7 +91,7 @@ def evaluate_run(run: LoadedRun, max_batches: int = 0) -> dict:
     sharding = batch_sharding(mesh, logical_rules(config.mesh))
     eval_step = jax.jit(make_eval_step(run.model, run.tokenizer.pad_id, run.tokenizer.token_byte_lengths()))
     with jax.set_mesh(mesh):
-        result = evaluate_batches(eval_step, run.params, batches, sharding, max_batches)
+        result = evaluate_batches(eval_step, run.variables, batches, sharding, max_batches)
     result["step"] = run.step
     return result
 
@@ -114,8 +123,8 @@ def generate_text(
     allowed = jnp.asarray(allowed)
 
     @jax.jit
-    def next_logits(params, context, length):
-        logits, _ = run.model.apply({"params": params}, context, causal_routing=True)
+    def next_logits(variables, context, length):
+        logits, _ = run.model.apply(variables, context, causal_routing=True)
         last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=False)
         return jnp.where(allowed, last, -jnp.inf)
 
@@ -125,7 +134,7 @@ def generate_text(
         context = ids[-window:]
         buffer = np.full((1, window), tokenizer.pad_id, np.int32)
         buffer[0, : len(context)] = context
-        logits = next_logits(run.params, jnp.asarray(buffer), len(context))
+        logits = next_logits(run.variables, jnp.asarray(buffer), len(context))
         if temperature == 0:
             token = int(jnp.argmax(logits))
         else:

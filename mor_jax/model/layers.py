@@ -55,14 +55,16 @@ def apply_rope(x, positions, theta: float):
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE and an explicit boolean mask.
 
-    mask: bool [B, T, T], True where query t may attend to key s. Every row must allow at least one key (callers
-    keep the diagonal), so the softmax never sees a fully masked row.
+    mask: bool [B, T, S], True where query t may attend to key s. Every row must allow at least one key (callers
+    keep the diagonal), so no softmax row is fully masked. With `kv` given ([B, S, K, Dh] keys, already
+    rotated, and values), the layer attends to those instead of projecting its own input (recursive KV sharing).
+    Returns (output [B, T, D], (keys, values) that were attended to).
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, kv=None):
         cfg = self.config
         dtype = dtype_of(cfg)
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -74,10 +76,13 @@ class Attention(nn.Module):
             )
 
         q = projection("query", (heads, head_dim), ("embed", "heads", "kv"))(x)  # [B, T, H, Dh]
-        k = projection("key", (kv_heads, head_dim), ("embed", "kv_heads", "kv"))(x)  # [B, T, K, Dh]
-        v = projection("value", (kv_heads, head_dim), ("embed", "kv_heads", "kv"))(x)
         q = apply_rope(q, positions, cfg.rope_theta)
-        k = apply_rope(k, positions, cfg.rope_theta)
+        if kv is None:
+            k = projection("key", (kv_heads, head_dim), ("embed", "kv_heads", "kv"))(x)  # [B, S, K, Dh]
+            v = projection("value", (kv_heads, head_dim), ("embed", "kv_heads", "kv"))(x)
+            k = apply_rope(k, positions, cfg.rope_theta)
+        else:
+            k, v = kv
 
         batch, seq = x.shape[0], x.shape[1]
         group = heads // kv_heads
@@ -86,10 +91,11 @@ class Attention(nn.Module):
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, seq, heads, head_dim)
-        return nn.DenseGeneral(
+        out = nn.DenseGeneral(
             cfg.d_model, axis=(-2, -1), use_bias=False, dtype=dtype, param_dtype=jnp.float32,
             kernel_init=weight_init(cfg, ("heads", "kv", "embed")), name="out",
         )(out)
+        return out, (k, v)
 
 
 class MLP(nn.Module):
@@ -111,15 +117,37 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm decoder layer including both residual connections: x + attn(norm(x)), then + mlp(norm(.))."""
+    """Pre-norm decoder layer including both residual connections: x + attn(norm(x)), then + mlp(norm(.)).
+
+    Returns (output, (keys, values)) so recursive KV sharing can keep the first recursion's keys and values.
+    """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask):
-        h = x + Attention(self.config, name="attention")(RMSNorm(self.config, name="attention_norm")(x), positions,
-                                                         mask)
-        return h + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(h))
+    def __call__(self, x, positions, mask, kv=None):
+        attended, kv = Attention(self.config, name="attention")(
+            RMSNorm(self.config, name="attention_norm")(x), positions, mask, kv
+        )
+        h = x + attended
+        return h + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(h)), kv
+
+
+# Policies of jax.checkpoint for ModelConfig.remat; "none" applies no remat.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def decoder_layer_class(config: ModelConfig) -> type[DecoderLayer]:
+    """Return DecoderLayer, wrapped in flax.linen.remat with the policy of config.remat unless it is "none".
+
+    The wrapped class creates the same parameters under the same names.
+    """
+    if config.remat == "none":
+        return DecoderLayer
+    return nn.remat(DecoderLayer, policy=REMAT_POLICIES[config.remat])
 
 
 def causal_mask(batch: int, seq: int):
@@ -132,7 +160,7 @@ def kept_key_mask(kept):
     """Causal mask restricted to kept keys, plus each token's own diagonal.
 
     kept: bool [B, T]. A kept query attends only to earlier kept keys (recursion-wise KV caching). An unkept query
-    sees only itself: its output is discarded, and the diagonal keeps its softmax row finite.
+    attends only to itself: its output is discarded, and the diagonal keeps its softmax row finite.
     """
     batch, seq = kept.shape
     mask = causal_mask(batch, seq) & kept[:, None, :]

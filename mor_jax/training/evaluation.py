@@ -8,19 +8,21 @@ import jax
 import numpy as np
 
 
-def evaluate_batches(eval_step, params, batches, batch_sharding, max_batches: int = 0) -> dict:
+def evaluate_batches(eval_step, variables, batches, batch_sharding, max_batches: int = 0) -> dict:
     """Run a jitted eval step over `batches` (numpy [B, T + 1] each) and aggregate exactly.
 
     Returns val_loss (nats per token), val_bits_per_byte, perplexity, mean_depth (recursions per token; layers for
-    vanilla), kept_fraction_per_recursion and sampling_accuracy_per_recursion (agreement of sigmoid(logit) >= 0.5
-    with top-k membership among the recursion's candidates). Lists are empty for models without a router.
+    vanilla). Recursive models add kept_fraction_per_recursion and dead_token_ratio (share of tokens that received
+    at most one recursion). Expert-choice adds sampling_accuracy_per_recursion (agreement of the decoding rule,
+    sigmoid(logit) >= 0.5, with top-k membership among the recursion's candidates); token-choice adds
+    depth_fraction, max_violation (max load / mean load - 1) and router_entropy (nats).
     """
     if max_batches:
         batches = batches[:max_batches]
     totals = None
     for batch in batches:
         array = jax.make_array_from_process_local_data(batch_sharding, batch)
-        stats = jax.device_get(eval_step(params, array))
+        stats = jax.device_get(eval_step(variables, array))
         totals = stats if totals is None else jax.tree_util.tree_map(np.add, totals, stats)
     if totals is None:
         raise ValueError("no validation batches to evaluate")
@@ -32,12 +34,18 @@ def evaluate_batches(eval_step, params, batches, batch_sharding, max_batches: in
         "perplexity": math.exp(min(val_loss, 700.0)),
         "mean_depth": float(totals["depth"]) / tokens,
         "kept_fraction_per_recursion": [],
-        "sampling_accuracy_per_recursion": [],
         "val_tokens": int(tokens),
     }
     if "kept" in totals:
         result["kept_fraction_per_recursion"] = [float(k) / tokens for k in totals["kept"]]
+        result["dead_token_ratio"] = float(totals["dead"]) / tokens
+    if "agreement" in totals:
         result["sampling_accuracy_per_recursion"] = [
             float(a) / max(float(c), 1.0) for a, c in zip(totals["agreement"], totals["candidates"])
         ]
+    if "depth_load" in totals:
+        load = np.asarray(totals["depth_load"], np.float64)
+        result["depth_fraction"] = (load / max(load.sum(), 1.0)).tolist()
+        result["max_violation"] = float(load.max() / max(load.mean(), 1e-9) - 1.0)
+        result["router_entropy"] = float(totals["entropy"]) / tokens
     return result

@@ -62,6 +62,43 @@ def shardings_for(boxed_tree, mesh: Mesh, rules) -> object:
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+# The config field that sets the size of each sharded logical axis, named in divisibility errors.
+_AXIS_FIELDS = {"embed": "model.d_model", "heads": "model.num_heads", "kv_heads": "model.num_kv_heads",
+                "mlp": "model.d_ff", "vocab": "model.vocab_size", "kv": "model.head_dim"}
+
+
+def check_divisible(boxed_tree, mesh, rules) -> None:
+    """Raise ConfigError if a sharded dimension's size is not a multiple of its mesh axes' total size.
+
+    `mesh` may be a Mesh or an AbstractMesh. jit rejects such arrays with an error that names neither the parameter
+    nor the config field to change, so this check runs before anything is compiled.
+    """
+    problems = {}  # (logical axis, size, mesh axes) -> paths of the leaves affected
+    leaves = jax.tree_util.tree_leaves_with_path(boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    for path, leaf in leaves:
+        if not isinstance(leaf, nn.Partitioned):
+            continue
+        shape = leaf.unbox().shape
+        mesh_axes = nn.logical_to_mesh_axes(tuple(leaf.names), rules)
+        for size, name, axes in zip(shape, leaf.names, mesh_axes):
+            if axes is None:
+                continue
+            axes = axes if isinstance(axes, tuple) else (axes,)
+            shards = int(np.prod([mesh.shape[axis] for axis in axes]))
+            if size % shards:
+                problems.setdefault((name, size, axes), []).append(jax.tree_util.keystr(path))
+    if not problems:
+        return
+    lines = []
+    for (name, size, axes), paths in problems.items():
+        sizes = " x ".join(f"{axis}={mesh.shape[axis]}" for axis in axes)
+        field = f" ({_AXIS_FIELDS[name]})" if name in _AXIS_FIELDS else ""
+        lines.append(f"logical axis {name!r}{field} has size {size}, not a multiple of mesh {sizes} "
+                     f"({len(paths)} arrays, e.g. {paths[0]})")
+    raise ConfigError("the mesh cannot shard the train state evenly: " + "; ".join(lines) + ". Change those model "
+                      "sizes or the mesh sizes, or map the logical axis to null in mesh.rules")
+
+
 def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
     """Sharding of a [batch, seq] token array: batch over the data-parallel axes, seq replicated."""
     spec = nn.logical_to_mesh_axes(("batch", "seq"), rules)

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mor_jax.config import Config, TrainConfig
+from mor_jax.config import Config, ModelConfig, TrainConfig
 from mor_jax.model import LanguageModel
-from mor_jax.training.mesh import shardings_for
+from mor_jax.training.mesh import check_divisible, shardings_for
 
 
 @flax.struct.dataclass
@@ -22,6 +22,8 @@ class TrainState:
     step: jax.Array
     params: Any
     opt_state: Any
+    # Non-trainable model variables by collection, e.g. {"router_state": {"bias": ...}} for loss-free balancing.
+    model_state: Any = flax.struct.field(default_factory=dict)
 
 
 def learning_rate_schedule(train: TrainConfig) -> optax.Schedule:
@@ -44,21 +46,41 @@ def _decay_mask(params):
     return jax.tree_util.tree_map(lambda x: x.ndim >= 2, params)
 
 
-def make_optimizer(train: TrainConfig) -> optax.GradientTransformation:
-    """Global-norm clipping followed by AdamW."""
-    return optax.chain(
-        optax.clip_by_global_norm(train.grad_clip) if train.grad_clip > 0 else optax.identity(),
-        optax.adamw(
-            learning_rate_schedule(train), b1=train.adam_b1, b2=train.adam_b2,
-            weight_decay=train.weight_decay, mask=_decay_mask,
-        ),
-    )
+def _adamw(train: TrainConfig, schedule) -> optax.GradientTransformation:
+    return optax.adamw(schedule, b1=train.adam_b1, b2=train.adam_b2, weight_decay=train.weight_decay,
+                       mask=_decay_mask)
+
+
+def _param_group(path, _) -> str:
+    names = [getattr(entry, "key", None) for entry in path]
+    return "aux_router" if any(str(name).startswith("aux_router") for name in names) else "model"
+
+
+def make_optimizer(train: TrainConfig, model: ModelConfig | None = None) -> optax.GradientTransformation:
+    """Global-norm clipping followed by AdamW.
+
+    With an expert-choice auxiliary router (model.causality="aux_router"), its parameters get their own AdamW whose
+    learning rate is model.aux_router_lr_multiplier times the schedule. They receive gradient only from their BCE
+    loss, since their input is stop_gradient(h).
+    """
+    schedule = learning_rate_schedule(train)
+    adamw = _adamw(train, schedule)
+    if model is not None and model.kind == "mor" and model.causality == "aux_router":
+        multiplier = model.aux_router_lr_multiplier
+        adamw = optax.multi_transform(
+            {"model": adamw, "aux_router": _adamw(train, lambda step: multiplier * schedule(step))},
+            lambda params: jax.tree_util.tree_map_with_path(_param_group, params),
+        )
+    clip = optax.clip_by_global_norm(train.grad_clip) if train.grad_clip > 0 else optax.identity()
+    return optax.chain(clip, adamw)
 
 
 def _init_boxed_state(model: LanguageModel, optimizer, rng, seq_len: int) -> TrainState:
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    params = model.init(rng, tokens)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params))
+    variables = dict(model.init(rng, tokens))
+    params = variables.pop("params")
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      model_state=variables)
 
 
 def abstract_state(config: Config, model: LanguageModel, optimizer) -> TrainState:
@@ -68,8 +90,10 @@ def abstract_state(config: Config, model: LanguageModel, optimizer) -> TrainStat
 
 
 def state_shardings(config: Config, model, optimizer, mesh, rules) -> TrainState:
-    """NamedSharding of every leaf of the (unboxed) train state."""
-    return shardings_for(abstract_state(config, model, optimizer), mesh, rules)
+    """NamedSharding of every leaf of the (unboxed) train state; ConfigError if the mesh cannot shard a leaf evenly."""
+    abstract = abstract_state(config, model, optimizer)
+    check_divisible(abstract, mesh, rules)
+    return shardings_for(abstract, mesh, rules)
 
 
 def create_train_state(config: Config, model, optimizer, mesh, rules) -> TrainState:

@@ -2,11 +2,12 @@
 
 A batch is int32 [B, T + 1]: inputs are tokens[:, :-1], targets tokens[:, 1:]. Targets equal to the tokenizer's PAD
 id carry no loss (validation batches are padded with whole PAD rows).
+
+The training loss is the mean LM NLL plus the model's `router_loss` (the router's weighted auxiliary losses: BCE and
+z-loss for expert-choice, balancing and z-loss for token-choice).
 """
 
 from __future__ import annotations
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,11 @@ import numpy as np
 import optax
 
 from mor_jax.model import LanguageModel
+from mor_jax.model.routing import loss_free_bias_update, warmup_capacities
 from mor_jax.training.state import TrainState
+
+# Router statistics copied from the model's aux into the training metrics when present.
+ROUTER_METRICS = ("router_bce", "router_z_loss", "balance_loss", "depth_fraction", "max_violation", "router_entropy")
 
 
 def token_nll(logits, targets):
@@ -22,40 +27,86 @@ def token_nll(logits, targets):
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
-def loss_and_metrics(model: LanguageModel, params, batch, pad_id: int, router_bce_coef: float):
-    """Return (training loss, metrics). The loss is the mean LM NLL plus router_bce_coef times the router BCE."""
+def model_capacities(model: LanguageModel, step):
+    """Expert-choice capacities at optimizer step `step` (capacity warm-up), or None when they are fixed."""
+    config = model.config
+    if config.kind == "mor" and config.routing == "expert_choice" and config.capacity_warmup_steps:
+        return warmup_capacities(config, step)
+    return None
+
+
+def loss_and_metrics(model: LanguageModel, params, model_state, batch, pad_id: int, step=None):
+    """Return (training loss, (metrics, aux)) for one batch."""
     inputs, targets = batch[:, :-1], batch[:, 1:]
-    logits, aux = model.apply({"params": params}, inputs)
+    capacities = None if step is None else model_capacities(model, step)
+    logits, aux = model.apply({"params": params, **model_state}, inputs, capacities=capacities)
     weights = (targets != pad_id).astype(jnp.float32)
     nll = token_nll(logits, targets)
     tokens = jnp.maximum(jnp.sum(weights), 1.0)
     lm_loss = jnp.sum(nll * weights) / tokens
-    loss = lm_loss + router_bce_coef * aux["router_bce"]
+    loss = lm_loss + aux["router_loss"]
     metrics = {
         "loss": loss,
         "lm_loss": lm_loss,
-        "router_bce": aux["router_bce"],
+        "router_loss": aux["router_loss"],
         "kept_fraction": aux["kept_fraction"],
         "mean_depth": jnp.sum(aux["depth"].astype(jnp.float32) * weights) / tokens,
     }
-    return loss, metrics
+    metrics.update({key: aux[key] for key in ROUTER_METRICS if key in aux})
+    return loss, (metrics, aux)
 
 
-def make_train_step(model: LanguageModel, optimizer, schedule, pad_id: int, router_bce_coef: float):
+def make_train_step(model: LanguageModel, optimizer, schedule, pad_id: int):
     """Return train_step(state, batch) -> (state, metrics), not yet jitted."""
+    config = model.config
 
     def train_step(state: TrainState, batch):
-        grad_fn = jax.value_and_grad(
-            functools.partial(loss_and_metrics, model, pad_id=pad_id, router_bce_coef=router_bce_coef),
-            has_aux=True,
-        )
-        (_, metrics), grads = grad_fn(state.params, batch)
+        grad_fn = jax.value_and_grad(loss_and_metrics, argnums=1, has_aux=True)
+        (_, (metrics, aux)), grads = grad_fn(model, state.params, state.model_state, batch, pad_id, state.step)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        model_state = state.model_state
+        if "router_state" in model_state:
+            # Loss-free balancing: the bias moves once per optimizer step, outside the optimizer.
+            router_state = jax.tree_util.tree_map(
+                lambda bias: loss_free_bias_update(bias, aux["depth_load"], config.bias_update_rate),
+                model_state["router_state"],
+            )
+            model_state = dict(model_state, router_state=router_state)
         metrics = dict(metrics, grad_norm=optax.tree.norm(grads), learning_rate=schedule(state.step))
-        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state, model_state=model_state), metrics
 
     return train_step
+
+
+def _all_finite(tree) -> jax.Array:
+    """Return a scalar bool: True when no floating-point leaf of `tree` contains NaN or infinity."""
+    flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(tree)
+             if jnp.issubdtype(leaf.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(flags)) if flags else jnp.array(True)
+
+
+def skip_nonfinite_updates(train_step):
+    """Wrap train_step(state, batch) so that a step with a non-finite result leaves the state as it was.
+
+    A step is non-finite when its loss or gradient norm, or any leaf of the state it computes (parameters, optimizer
+    moments, model state), contains NaN or infinity. The wrapped step then returns the parameters, optimizer state and
+    model state it was given, still advancing `step` because the batch was consumed, and sets the metric
+    `nonfinite` to 1. The choice is a `jnp.where` on every leaf inside the jitted step, so a finite step returns
+    exactly the values of the unwrapped one. optax.apply_if_finite is not used: it checks the gradients only, so an
+    infinite learning rate or an overflowing second moment would pass, and it applies the update anyway after its
+    limit.
+    """
+
+    def guarded_step(state: TrainState, batch):
+        new_state, metrics = train_step(state, batch)
+        finite = (jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+                  & _all_finite((new_state.params, new_state.opt_state, new_state.model_state)))
+        kept = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+        kept = kept.replace(step=new_state.step)
+        return kept, dict(metrics, nonfinite=jnp.logical_not(finite).astype(jnp.int32))
+
+    return guarded_step
 
 
 def jit_train_step(train_step, state_shardings, batch_sharding):
@@ -69,34 +120,46 @@ def jit_train_step(train_step, state_shardings, batch_sharding):
 
 
 def make_eval_step(model: LanguageModel, pad_id: int, token_bytes: np.ndarray):
-    """Return eval_step(params, batch) -> summed statistics of one validation batch.
+    """Return eval_step(variables, batch) -> summed statistics of one validation batch.
 
     Sums (not means) so batches of different fill add up exactly: `nll` in nats, `tokens` counted, `bytes` of text
-    the targets stand for (for bits per byte), `kept` tokens per recursion, `depth` summed over tokens, and
-    `agreement` per recursion between the causal rule sigmoid(logit) >= 0.5 and top-k membership over candidates.
+    the targets stand for (for bits per byte), `depth` summed over tokens, `dead` tokens that received at most one
+    recursion, and for recursive models `kept` tokens per recursion. Expert-choice adds `agreement` per recursion
+    between the decoding rule (logit >= 0) and top-k membership, over `candidates`; token-choice adds `depth_load`.
     """
     byte_table = jnp.asarray(token_bytes, jnp.float32)
+    config = model.config
 
-    def eval_step(params, batch):
+    def eval_step(variables, batch):
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits, aux = model.apply({"params": params}, inputs)
+        logits, aux = model.apply(variables, inputs)
         weights = (targets != pad_id).astype(jnp.float32)
         nll = token_nll(logits, targets)
         padded_table = jnp.zeros((logits.shape[-1],), jnp.float32).at[: byte_table.shape[0]].set(byte_table)
+        depth = aux["depth"].astype(jnp.float32)
         stats = {
             "nll": jnp.sum(nll * weights),
             "tokens": jnp.sum(weights),
             "bytes": jnp.sum(padded_table[targets] * weights),
-            "depth": jnp.sum(aux["depth"].astype(jnp.float32) * weights),
+            "depth": jnp.sum(depth * weights),
         }
         if "kept" in aux:
+            row_weights = weights[None]
+            stats["kept"] = jnp.sum(aux["kept"] * row_weights, axis=(1, 2))
+            stats["dead"] = jnp.sum((depth <= 1) * weights)
+        if config.kind == "mor" and config.routing == "expert_choice":
             kept = aux["kept"]
             candidates = jnp.concatenate([jnp.ones_like(kept[:1]), kept[:-1]], axis=0)
             agree = (aux["router_logits"] >= 0.0) == kept
-            row_weights = weights[None]
-            stats["kept"] = jnp.sum(kept * row_weights, axis=(1, 2))
-            stats["agreement"] = jnp.sum(agree * candidates * row_weights, axis=(1, 2))
-            stats["candidates"] = jnp.sum(candidates * row_weights, axis=(1, 2))
+            stats["agreement"] = jnp.sum(agree * candidates * weights[None], axis=(1, 2))
+            stats["candidates"] = jnp.sum(candidates * weights[None], axis=(1, 2))
+        if config.kind == "mor" and config.routing == "token_choice":
+            depth_index = aux["depth"] - 1
+            one_hot = jax.nn.one_hot(depth_index, config.num_recursions, dtype=jnp.float32)
+            stats["depth_load"] = jnp.sum(one_hot * weights[..., None], axis=(0, 1))
+            probs = jax.nn.softmax(aux["router_logits"], axis=-1)
+            entropy = -jnp.sum(probs * jnp.log(jnp.maximum(probs, 1e-9)), axis=-1)
+            stats["entropy"] = jnp.sum(entropy * weights)
         return stats
 
     return eval_step

@@ -1,0 +1,1 @@
+"""Small command-line tools that inspect configs and models without training."""
