@@ -17,8 +17,10 @@ def main() -> None:
 
     from mor_jax.config import load_config
     from mor_jax.training import train
+    from mor_jax.training.distributed import initialize
 
     config = load_config(args.config, args.overrides)
+    initialize(config.mesh)  # multi-process runs only; before anything touches a JAX device
     print_json_line(train(config))
 
 

@@ -231,6 +231,11 @@ class TrainConfig:
     # With nonfinite="skip", the run stops with an error at this many skipped steps, counted since the process
     # started (a resumed run starts counting again).
     max_nonfinite_steps: int = 10
+    # Gradient accumulation: each step splits data.batch_size into this many micro-batches of equal rows, computes
+    # them one after another and sums their gradients, so activation memory is that of one micro-batch. The LM loss
+    # is normalised by the tokens of the whole batch. Exact for vanilla and expert-choice (top-k is per sequence);
+    # token-choice's balancing loss multiplies two batch means, so micro-batches average it instead.
+    microbatches: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -565,6 +570,10 @@ def validate(config: Config) -> None:
             raise ConfigError(f"train.{key}={getattr(t, key)} must be a finite number")
     _choice("train.nonfinite", t.nonfinite, NONFINITE_POLICIES)
     _positive("train.max_nonfinite_steps", t.max_nonfinite_steps)
+    _positive("train.microbatches", t.microbatches)
+    if d.batch_size % t.microbatches:
+        raise ConfigError(f"data.batch_size={d.batch_size} is not divisible by train.microbatches={t.microbatches}; "
+                          f"use a divisor of the batch size")
     _choice("mesh.multi_process", config.mesh.multi_process, MULTI_PROCESS_MODES)
     sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):

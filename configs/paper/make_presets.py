@@ -52,6 +52,19 @@ BASES = (
 )
 
 
+# Memory settings that make the batch of 1024 x 2048 tokens fit a TPU slice, per base prefix. Each was checked by
+# compiling the MoR expert-choice N_r = 3 train step with mor_jax.tools.aot (docs/tpu.md): 360M on v5e:4x4 (16 GiB
+# per chip), 1.7B on v5p:4x4x4 (95 GiB per chip). Bases without an entry were not checked and keep the defaults.
+MEMORY_SETTINGS = {
+    "360m": {"model": [],
+             "train": [("microbatches", 64, "16 rows per micro-batch: 1 per chip on v5e:4x4")],
+             "mesh": []},
+    "1p7b": {"model": [("remat", "full", "recompute each layer in the backward pass")],
+             "train": [("microbatches", 16, "64 rows per micro-batch: 1 per chip on v5p:4x4x4")],
+             "mesh": [("data", 1, ""), ("fsdp", -1, "parameters and optimizer state sharded over all chips")]},
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """A model kind and routing applied to a base; num_recursions is None for the vanilla model."""
@@ -202,6 +215,15 @@ def render(base: Base, variant: Variant) -> str:
         ("data", data_entries(base, variant)),
         ("train", train_entries(base, variant)),
     )
+    memory = MEMORY_SETTINGS.get(base.prefix)
+    if memory:
+        sections = (
+            ("model", sections[0][1] + memory["model"]),
+            ("data", sections[1][1]),
+            ("train", sections[2][1] + memory["train"]),
+        )
+        if memory["mesh"]:
+            sections += (("mesh", memory["mesh"]),)
     for section, rows in sections:
         lines.append(f"{section}:")
         for key, value, comment in rows:

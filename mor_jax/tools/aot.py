@@ -74,7 +74,7 @@ def compile_train_step(config, devices):
     state = ckpt.abstract_target(abstract_state(config, model, optimizer), shardings)
     batch = jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len + 1), jax.numpy.int32,
                                  sharding=tokens_sharding)
-    step = make_train_step(model, optimizer, learning_rate_schedule(config.train), PAD_ID)
+    step = make_train_step(model, optimizer, learning_rate_schedule(config.train), PAD_ID, config.train.microbatches)
     jitted = jit_train_step(skip_nonfinite_updates(step), shardings, tokens_sharding)
     with jax.set_mesh(mesh):
         compiled = jitted.lower(state, batch).compile()
@@ -90,8 +90,11 @@ def report(config, topology: str, compiled, mesh) -> dict:
                 + memory.temp_size_in_bytes + memory.generated_code_size_in_bytes)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    # The SPMD-partitioned module is one chip's program, so its FLOPs are per chip.
-    compiled_flops = float(cost.get("flops", 0.0)) * chips
+    # The SPMD-partitioned module is one chip's program, so its FLOPs are per chip. XLA's cost analysis counts the
+    # body of a loop once, so the micro-batch scan is counted for one micro-batch. Scaling by the micro-batch count
+    # also multiplies the optimizer update, which is outside the loop, so the result slightly overestimates.
+    raw_flops = float(cost.get("flops", 0.0)) * chips
+    compiled_flops = raw_flops * config.train.microbatches
     analytic = 3 * forward_flops(config.model, config.data.seq_len) * config.data.batch_size
     kind = mesh.devices.flat[0].device_kind
     hbm = hbm_bytes(kind)
@@ -103,7 +106,7 @@ def report(config, topology: str, compiled, mesh) -> dict:
         "batch_size": config.data.batch_size,
         "seq_len": config.data.seq_len,
         "remat": config.model.remat,
-        "microbatches": getattr(config.train, "microbatches", 1),
+        "microbatches": config.train.microbatches,
         "argument_bytes": memory.argument_size_in_bytes,
         "output_bytes": memory.output_size_in_bytes,
         "alias_bytes": memory.alias_size_in_bytes,
@@ -112,6 +115,7 @@ def report(config, topology: str, compiled, mesh) -> dict:
         "hbm_bytes_per_chip": hbm,
         "fits": None if hbm is None else per_chip <= hbm,
         "compiled_flops": compiled_flops,
+        "compiled_flops_one_loop_iteration": raw_flops,
         "analytic_flops": float(analytic),
         "compiled_to_analytic": compiled_flops / analytic if analytic else None,
     }
@@ -127,8 +131,12 @@ def print_report(result: dict) -> None:
           f"GiB (aliased {result['alias_bytes'] / gib:.2f}), temporaries {result['temp_bytes'] / gib:.2f} GiB, "
           f"total {result['per_chip_bytes'] / gib:.2f} GiB of "
           + (f"{hbm / gib:.0f} GiB HBM: {'fits' if result['fits'] else 'does NOT fit'}" if hbm else "unknown HBM"))
-    print(f"FLOPs per step: compiled {result['compiled_flops']:.4g} (all chips), analytic 3 x forward x batch "
-          f"{result['analytic_flops']:.4g}, ratio {result['compiled_to_analytic']:.3f}")
+    scaled = ""
+    if result["microbatches"] > 1:
+        scaled = (f", i.e. {result['compiled_flops_one_loop_iteration']:.4g} for one micro-batch x "
+                  f"{result['microbatches']}")
+    print(f"FLOPs per step: compiled {result['compiled_flops']:.4g} (all chips{scaled}), analytic 3 x forward x "
+          f"batch {result['analytic_flops']:.4g}, ratio {result['compiled_to_analytic']:.3f}")
     print(json.dumps({key: result[key] for key in ("topology", "per_chip_bytes", "hbm_bytes_per_chip", "fits",
                                                    "compiled_flops", "analytic_flops")}))
 

@@ -42,7 +42,7 @@ def _explicit_settings() -> tuple[str, int, int] | None:
 
 
 def initialize(mesh_config: MeshConfig) -> bool:
-    """Start jax.distributed when the environment or mesh.multi_process asks for it; return whether it started.
+    """Start jax.distributed when the environment or mesh.multi_process requests it, and return whether it started.
 
     Does nothing when it was already started in this process.
     """

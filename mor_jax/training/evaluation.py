@@ -8,6 +8,21 @@ import jax
 import numpy as np
 
 
+def process_rows(batch: np.ndarray) -> np.ndarray:
+    """Return this process's contiguous share of the rows of a global batch that every process has in full.
+
+    Without the split, each process would contribute the whole batch and the global array would repeat it once per
+    process.
+    """
+    count, index = jax.process_count(), jax.process_index()
+    if count == 1:
+        return batch
+    if len(batch) % count:
+        raise ValueError(f"a batch of {len(batch)} rows does not split evenly over {count} processes")
+    rows = len(batch) // count
+    return batch[index * rows:(index + 1) * rows]
+
+
 def evaluate_batches(eval_step, variables, batches, batch_sharding, max_batches: int = 0) -> dict:
     """Run a jitted eval step over `batches` (numpy [B, T + 1] each) and aggregate exactly.
 
@@ -21,7 +36,7 @@ def evaluate_batches(eval_step, variables, batches, batch_sharding, max_batches:
         batches = batches[:max_batches]
     totals = None
     for batch in batches:
-        array = jax.make_array_from_process_local_data(batch_sharding, batch)
+        array = jax.make_array_from_process_local_data(batch_sharding, process_rows(batch))
         stats = jax.device_get(eval_step(variables, array))
         totals = stats if totals is None else jax.tree_util.tree_map(np.add, totals, stats)
     if totals is None:

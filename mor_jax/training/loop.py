@@ -295,7 +295,7 @@ def train(config: Config) -> dict:
     )
 
     train_step = jit_train_step(
-        skip_nonfinite_updates(make_train_step(model, optimizer, schedule, tokenizer.pad_id)),
+        skip_nonfinite_updates(make_train_step(model, optimizer, schedule, tokenizer.pad_id, cfg_t.microbatches)),
         shardings, tokens_sharding,
     )
     eval_step = jax.jit(make_eval_step(model, tokenizer.pad_id, tokenizer.token_byte_lengths()))

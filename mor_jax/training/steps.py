@@ -35,16 +35,22 @@ def model_capacities(model: LanguageModel, step):
     return None
 
 
-def loss_and_metrics(model: LanguageModel, params, model_state, batch, pad_id: int, step=None):
-    """Return (training loss, (metrics, aux)) for one batch."""
+def loss_and_metrics(model: LanguageModel, params, model_state, batch, pad_id: int, step=None, token_count=None,
+                     router_scale: float = 1.0):
+    """Return (training loss, (metrics, aux)) for one batch.
+
+    For a micro-batch, `token_count` is the non-PAD target count of the whole batch and `router_scale` is
+    1 / micro-batches. Then the losses of all micro-batches, and their loss, lm_loss and mean_depth metrics, add up
+    to those of the whole batch.
+    """
     inputs, targets = batch[:, :-1], batch[:, 1:]
     capacities = None if step is None else model_capacities(model, step)
     logits, aux = model.apply({"params": params, **model_state}, inputs, capacities=capacities)
     weights = (targets != pad_id).astype(jnp.float32)
     nll = token_nll(logits, targets)
-    tokens = jnp.maximum(jnp.sum(weights), 1.0)
+    tokens = jnp.maximum(jnp.sum(weights), 1.0) if token_count is None else token_count
     lm_loss = jnp.sum(nll * weights) / tokens
-    loss = lm_loss + aux["router_loss"]
+    loss = lm_loss + aux["router_loss"] if token_count is None else lm_loss + router_scale * aux["router_loss"]
     metrics = {
         "loss": loss,
         "lm_loss": lm_loss,
@@ -56,13 +62,62 @@ def loss_and_metrics(model: LanguageModel, params, model_state, batch, pad_id: i
     return loss, (metrics, aux)
 
 
-def make_train_step(model: LanguageModel, optimizer, schedule, pad_id: int):
-    """Return train_step(state, batch) -> (state, metrics), not yet jitted."""
+# Metrics that micro-batches contribute to additively (see loss_and_metrics); the others are averaged.
+_ADDITIVE_METRICS = ("loss", "lm_loss", "mean_depth")
+
+
+def split_microbatches(batch, microbatches: int):
+    """Reshape [B, T + 1] to [microbatches, B / microbatches, T + 1], micro-batch m holding rows m, m + M, ....
+
+    Strided rows keep every micro-batch spread over all data-parallel shards of a batch split into contiguous
+    blocks of rows (when each block's row count is a multiple of M).
+    """
+    rows, width = batch.shape
+    return batch.reshape(rows // microbatches, microbatches, width).swapaxes(0, 1)
+
+
+def accumulated_gradients(model: LanguageModel, params, model_state, batch, pad_id: int, step, microbatches: int):
+    """Return (metrics, aux, grads) of a batch computed as `microbatches` micro-batches in a lax.scan.
+
+    The gradients are summed in float32. The LM loss of every micro-batch is divided by the non-PAD targets of the
+    whole batch, and its router loss by the micro-batch count, so the sum is the whole batch's loss. aux keeps only
+    `depth_load`, summed, for loss-free balancing.
+    """
+    targets = batch[:, 1:]
+    token_count = jnp.maximum(jnp.sum((targets != pad_id).astype(jnp.float32)), 1.0)
+    grad_fn = jax.value_and_grad(loss_and_metrics, argnums=1, has_aux=True)
+
+    def accumulate(grads, micro_batch):
+        (_, (metrics, aux)), micro_grads = grad_fn(model, params, model_state, micro_batch, pad_id, step, token_count,
+                                                   1.0 / microbatches)
+        grads = jax.tree_util.tree_map(jnp.add, grads, micro_grads)
+        return grads, (metrics, {key: aux[key] for key in ("depth_load",) if key in aux})
+
+    zeros = jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    grads, (stacked, stacked_aux) = jax.lax.scan(accumulate, zeros, split_microbatches(batch, microbatches))
+    # NOTE: averaged router statistics (max_violation, router_entropy, ...) are means of per-micro-batch values, not
+    # the whole batch's values. Only the additive metrics and the losses are exact.
+    metrics = {key: jnp.sum(value, axis=0) if key in _ADDITIVE_METRICS else jnp.mean(value, axis=0)
+               for key, value in stacked.items()}
+    aux = {key: jnp.sum(value, axis=0) for key, value in stacked_aux.items()}
+    return metrics, aux, grads
+
+
+def make_train_step(model: LanguageModel, optimizer, schedule, pad_id: int, microbatches: int = 1):
+    """Return train_step(state, batch) -> (state, metrics), not yet jitted.
+
+    With microbatches > 1 the batch is split into that many micro-batches whose gradients are accumulated before
+    the single optimizer update (see `accumulated_gradients`).
+    """
     config = model.config
 
     def train_step(state: TrainState, batch):
-        grad_fn = jax.value_and_grad(loss_and_metrics, argnums=1, has_aux=True)
-        (_, (metrics, aux)), grads = grad_fn(model, state.params, state.model_state, batch, pad_id, state.step)
+        if microbatches == 1:
+            grad_fn = jax.value_and_grad(loss_and_metrics, argnums=1, has_aux=True)
+            (_, (metrics, aux)), grads = grad_fn(model, state.params, state.model_state, batch, pad_id, state.step)
+        else:
+            metrics, aux, grads = accumulated_gradients(model, state.params, state.model_state, batch, pad_id,
+                                                        state.step, microbatches)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         model_state = state.model_state
