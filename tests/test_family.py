@@ -107,7 +107,8 @@ def check_routing_invariants(config, aux, seq):
             if r:
                 assert not np.any(kept[r] & ~kept[r - 1])
     else:
-        assert depth.min() >= 1 and depth.max() <= config.num_recursions
+        assert depth.min() >= 1
+        assert depth.max() <= config.num_recursions
         for r in range(config.num_recursions):
             np.testing.assert_array_equal(kept[r], depth > r)
 
@@ -162,7 +163,7 @@ def capture_module_outputs(model, variables, inputs, names):
     return captured
 
 
-def test_token_choice_at_max_depth_equals_recursive_up_to_gate():
+def test_token_choice_max_depth_matches_recursive():
     # capacity_factor 3 gives every recursion a buffer for the whole sequence, so no token stops early.
     config = tiny(routing="token_choice", balancing="loss_free", capacity_factor=3.0)
     model, variables = init(config)
@@ -261,7 +262,9 @@ def test_loss_free_bias_moves_toward_balance():
     bias = np.asarray(state.model_state["router_state"]["recursion"]["bias"])
     assert violations[0] == pytest.approx(2.0)  # all tokens on one of three depths
     assert np.mean(violations[-20:]) < 0.5, violations[-20:]
-    assert bias[0] < 1.0 and bias[1] > 0 and bias[2] > 0
+    assert bias[0] < 1.0
+    assert bias[1] > 0
+    assert bias[2] > 0
 
 
 def manual_recursive_kv_sharing(config, params, inputs):
@@ -324,7 +327,8 @@ def test_token_choice_run_reports_routing_statistics(tmp_path):
     train(config)
     run = load_run(run_dir)
     bias = np.asarray(run.model_state["router_state"]["recursion"]["bias"])
-    assert bias.shape == (3,) and np.abs(bias).sum() > 0, "the trained bias must come back from the checkpoint"
+    assert bias.shape == (3,)
+    assert np.abs(bias).sum() > 0, "the trained bias must come back from the checkpoint"
     result = evaluate_run(run, max_batches=2)
     assert len(result["depth_fraction"]) == 3
     assert sum(result["depth_fraction"]) == pytest.approx(1.0)

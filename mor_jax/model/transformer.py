@@ -28,7 +28,7 @@ class LanguageModel(nn.Module):
       depends on later tokens (the decoding rule);
     - capacities float [N_r]: expert-choice capacities for this call (capacity warm-up).
 
-    Returns (logits float32 [B, T, vocab], aux). aux always holds `router_loss` (the weighted sum of the router's
+    Returns (logits float32 [B, T, vocab], aux). aux always contains `router_loss` (the weighted sum of the router's
     auxiliary losses, added to the LM loss), `kept_fraction` [N_r] and `depth` [B, T] (recursions each token
     received; the layer count for vanilla). Recursive models add `kept` [N_r, B, T]; expert-choice adds
     `router_logits` [N_r, B, T] (the logits that decoding routes by), `router_bce` and `router_z_loss`; token-choice
