@@ -25,7 +25,11 @@ class ConfigError(MorJaxError, ValueError):
     """Invalid configuration file, key or value."""
 
 
-KINDS = ("vanilla", "recursive", "mor")
+KINDS = ("vanilla", "recursive", "mor", "mod", "dllm", "lot")
+# Kinds with a shared recursion block (the MoR family); the others have num_layers distinct layers.
+RECURSIVE_KINDS = ("recursive", "mor")
+# Peer systems: Mixture-of-Depths, D-LLM and Leap-of-Thought.
+PEER_KINDS = ("mod", "dllm", "lot")
 ROUTINGS = ("expert_choice", "token_choice")
 SHARINGS = ("cycle", "sequence", "middle_cycle", "middle_sequence")
 ROUTER_FUNCTIONS = ("sigmoid", "tanh")
@@ -48,6 +52,10 @@ class ModelConfig:
 
     # "vanilla": num_layers distinct layers. "recursive": middle-cycle sharing, every token through every recursion.
     # "mor": middle-cycle sharing with a router choosing which tokens each recursion processes.
+    # Peer systems, each with num_layers distinct layers. "mod" (Mixture-of-Depths): every mod_every-th layer
+    # processes only the top mod_capacity of each sequence. "dllm" (D-LLM): a decision module before every layer
+    # executes or skips each token. "lot" (Leap-of-Thought): a router per layer lets tokens leap over it, and a causal
+    # summary of the leaped tokens stays visible. See mor_jax/model/mixture_of_depths.py, dllm.py, leap_of_thought.py.
     kind: str = "mor"
     # Routing scheme for kind="mor". "expert_choice": each recursion keeps the top-k tokens of every sequence.
     # "token_choice": one router assigns each token its depth after the prelude.
@@ -127,6 +135,18 @@ class ModelConfig:
     # the outputs of matmuls against weights (jax.checkpoint_policies.dots_with_no_batch_dims_saveable) and
     # recompute attention scores, norms and activations. The gradients are the same up to float rounding.
     remat: str = "none"
+    # Mixture-of-Depths: fraction of each sequence that a routed layer processes, k = max(1, floor(c * seq)) tokens.
+    mod_capacity: float = 0.125
+    # Mixture-of-Depths: layers mod_every - 1, 2 * mod_every - 1, ... are routed (2: every other layer, starting
+    # with the second); the other layers process every token.
+    mod_every: int = 2
+    # D-LLM and Leap-of-Thought: target fraction of (token, layer) pairs that execute, in (0, 1].
+    target_execution_rate: float = 0.5
+    # D-LLM and Leap-of-Thought: coefficient of the rate loss (executed fraction - target_execution_rate)^2. Our
+    # choice: at 1.0 the LM loss held the rate of a small test model far above a target of 0.2.
+    rate_loss_coef: float = 10.0
+    # D-LLM: tokens at positions 0 .. dllm_always_execute - 1 execute every layer, whatever the decision module decides.
+    dllm_always_execute: int = 4
 
     @property
     def effective_gate_scale(self) -> float:
@@ -471,7 +491,7 @@ def _validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs of dimensions)")
     if m.num_heads % m.num_kv_heads:
         raise ConfigError(f"model.num_heads={m.num_heads} must be a multiple of model.num_kv_heads={m.num_kv_heads}")
-    if m.kind != "vanilla":
+    if m.kind in RECURSIVE_KINDS:
         fixed = 2 * m.recursion_start
         if m.num_layers < fixed + m.num_recursions:
             raise ConfigError(
@@ -507,10 +527,10 @@ def _validate_model(m: ModelConfig) -> None:
         if getattr(m, key) < 0:
             raise ConfigError(f"model.{key}={getattr(m, key)} must be >= 0")
     if m.kv_strategy == "recursive_sharing":
-        if m.kind == "vanilla":
+        if m.kind not in RECURSIVE_KINDS:
             raise ConfigError(
-                "model.kv_strategy=recursive_sharing needs recursions; use model.kind=recursive or mor, or "
-                "kv_strategy=recursion_wise_caching"
+                f"model.kv_strategy=recursive_sharing needs recursions, which model.kind={m.kind} has not; use "
+                f"model.kind=recursive or mor, or kv_strategy=recursion_wise_caching"
             )
         if m.kind == "mor" and m.routing == "expert_choice" and caps[0] < 1.0:
             raise ConfigError(
@@ -532,6 +552,28 @@ def _validate_model(m: ModelConfig) -> None:
             )
         if not m.gating:
             raise ConfigError("model.gating=false is only supported for expert-choice routing")
+    _validate_peers(m)
+
+
+def _validate_peers(m: ModelConfig) -> None:
+    if not 0.0 < m.mod_capacity <= 1.0:
+        raise ConfigError(f"model.mod_capacity={m.mod_capacity} must be in (0, 1]; Mixture-of-Depths uses 0.125")
+    if not 1 <= m.mod_every <= m.num_layers:
+        raise ConfigError(f"model.mod_every={m.mod_every} must be in 1 .. model.num_layers={m.num_layers} "
+                          f"(2 routes every other layer)")
+    if not 0.0 < m.target_execution_rate <= 1.0:
+        raise ConfigError(f"model.target_execution_rate={m.target_execution_rate} must be in (0, 1]")
+    for key in ("rate_loss_coef", "dllm_always_execute"):
+        if getattr(m, key) < 0:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be >= 0")
+    if m.kind in ("dllm", "lot") and m.execution != "masked":
+        raise ConfigError(
+            f"model.kind={m.kind} decides per token and layer whether to execute, so the executed count is not a "
+            f"static size that model.execution={m.execution} could gather; set model.execution=masked"
+        )
+    if m.kind in PEER_KINDS and m.capacity_warmup_steps:
+        raise ConfigError(f"model.capacity_warmup_steps applies to kind=mor only, not model.kind={m.kind}; set it "
+                          f"to 0")
 
 
 def validate(config: Config) -> None:

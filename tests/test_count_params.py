@@ -47,7 +47,7 @@ def test_presets_match_generator():
     for base in make_presets.BASES:
         for variant in make_presets.variants():
             expected[make_presets.file_name(base, variant)] = make_presets.render(base, variant)
-    assert len(expected) == 40
+    assert len(expected) == 52
     assert sorted(os.path.basename(p) for p in PRESETS) == sorted(expected)
     for name, text in expected.items():
         with open(preset(name), encoding="utf-8") as handle:

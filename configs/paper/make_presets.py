@@ -3,7 +3,8 @@
 Run from anywhere: `python configs/paper/make_presets.py`. It (re)writes configs/paper/<base>_<variant>[_nr<N>].yaml
 next to this script and loads every file back with `mor_jax.config.load_config`, so an invalid preset fails here.
 
-Each of the four bases gets a vanilla preset and, for N_r in 2, 3 and 4, a recursive, an expert-choice MoR and a
+Each of the four bases gets a vanilla preset, the peer systems MoR is compared with (Mixture-of-Depths, D-LLM and
+Leap-of-Thought, with the base's layers) and, for N_r in 2, 3 and 4, a recursive, an expert-choice MoR and a
 token-choice MoR preset, all with middle-cycle sharing. Middle-cycle sharing needs (L - 2) divisible by N_r. Where the
 base's L is not, the preset uses the smallest larger L that is, because the paper adds layers in that case.
 """
@@ -69,7 +70,7 @@ MEMORY_SETTINGS = {
 class Variant:
     """A model kind and routing applied to a base; num_recursions is None for the vanilla model."""
 
-    name: str  # file-name part: vanilla, recursive, mor_ec, mor_tc
+    name: str  # file-name part: vanilla, mod, dllm, lot, recursive, mor_ec, mor_tc
     label: str  # for the header comment
     kind: str
     routing: str | None = None
@@ -77,7 +78,12 @@ class Variant:
 
 
 def variants() -> list[Variant]:
-    result = [Variant("vanilla", "vanilla (no sharing)", "vanilla")]
+    result = [
+        Variant("vanilla", "vanilla (no sharing)", "vanilla"),
+        Variant("mod", "Mixture-of-Depths (no sharing)", "mod"),
+        Variant("dllm", "D-LLM (no sharing)", "dllm"),
+        Variant("lot", "Leap-of-Thought (no sharing)", "lot"),
+    ]
     for n in RECURSIONS:
         result.append(Variant("recursive", "recursive (no router)", "recursive", None, n))
         result.append(Variant("mor_ec", "MoR expert-choice", "mor", "expert_choice", n))
@@ -148,6 +154,24 @@ def model_entries(base: Base, variant: Variant) -> list[tuple[str, object, str]]
             ("gate_scale", 0.1, "gate = 0.1 * sigmoid(router logit); capacities: default (N_r - r) / N_r"),
             ("router_bce_coef", 0.001, "auxiliary BCE loss that makes the router usable for causal decoding"),
         ]
+    elif variant.kind == "mod":
+        rows += [
+            ("mod_capacity", 0.125, "Mixture-of-Depths: a routed layer processes 12.5% of each sequence"),
+            ("mod_every", 2, "every other layer is routed"),
+            ("router_bce_coef", 0.001, "auxiliary BCE loss that makes the router usable for causal decoding"),
+        ]
+    elif variant.kind in ("dllm", "lot"):
+        rows += [
+            ("execution", "masked", "every token is computed; the decisions select the updates"),
+            ("target_execution_rate", 0.5, "our choice: half of the (token, layer) pairs execute"),
+            ("rate_loss_coef", 10.0, ""),
+        ]
+        if variant.kind == "dllm":
+            rows += [
+                ("dllm_always_execute", 4, "our choice: the first 4 tokens execute every layer"),
+                ("router_type", "mlp", "decision module: d_model -> router_mlp_dim -> 1, GELU"),
+                ("router_mlp_dim", 64, "our choice"),
+            ]
     elif variant.routing == "token_choice":
         rows += [
             ("gate_scale", 1.0, "gate = softmax(router logits) of the chosen depth"),

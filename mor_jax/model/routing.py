@@ -134,3 +134,29 @@ def token_choice_statistics(logits, probs, depth_index, num_recursions: int) -> 
 def loss_free_bias_update(bias, load, rate: float):
     """Apply one step of loss-free balancing: b_i += rate * sign(mean load - load_i)."""
     return bias + rate * jnp.sign(jnp.mean(load) - load)
+
+
+def straight_through_decision(logits, forced=None):
+    """Hard execute (1) or skip (0) decisions with a straight-through gradient, for D-LLM and Leap-of-Thought.
+
+    logits: float [B, T]; a token executes where its logit is >= 0 (sigmoid >= 0.5). The forward value is exactly
+    0.0 or 1.0, and the gradient is that of sigmoid(logit). forced: optional bool [B, T] of tokens that execute
+    whatever the logit, with no gradient. Returns (executed bool [B, T], decision float32 [B, T]).
+    """
+    probs = jax.nn.sigmoid(logits.astype(jnp.float32))
+    executed = logits >= 0.0
+    decision = executed.astype(jnp.float32) + probs - jax.lax.stop_gradient(probs)
+    if forced is not None:
+        executed = executed | forced
+        decision = jnp.where(forced, 1.0, decision)
+    return executed, decision
+
+
+def execution_rate_loss(decisions, target: float):
+    """Squared gap between the executed fraction of (token, layer) pairs and its target.
+
+    decisions: float [layers, B, T] from `straight_through_decision`. Returns (loss, executed fraction), both
+    scalars; the fraction's forward value is the true share of executed pairs.
+    """
+    rate = jnp.mean(decisions)
+    return jnp.square(rate - target), rate

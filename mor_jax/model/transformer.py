@@ -1,4 +1,5 @@
-"""The language models: a vanilla Llama-style decoder, and recursive / Mixture-of-Recursions models.
+"""The language models: a vanilla Llama-style decoder, recursive / Mixture-of-Recursions models and the peer systems
+(Mixture-of-Depths, D-LLM, Leap-of-Thought).
 
 Layout of the recursive models for L unrolled layers and N_r recursions (middle strategies shown):
 
@@ -15,6 +16,9 @@ import jax.numpy as jnp
 
 from mor_jax.config import ModelConfig
 from mor_jax.model.layers import RMSNorm, causal_mask, decoder_layer_class, dtype_of, weight_init
+from mor_jax.model.dllm import DLLM
+from mor_jax.model.leap_of_thought import LeapOfThought
+from mor_jax.model.mixture_of_depths import MixtureOfDepths
 from mor_jax.model.recursion import Recursions
 
 
@@ -34,6 +38,12 @@ class LanguageModel(nn.Module):
     `router_logits` [N_r, B, T] (the logits that decoding routes by), `router_bce` and `router_z_loss`; token-choice
     adds `router_logits` [B, T, N_r], `balance_loss`, `router_z_loss`, `depth_load`, `depth_fraction`,
     `max_violation` and `router_entropy`.
+
+    The peer systems (`mod`, `dllm`, `lot`, see their modules) fill `kept` [decisions, B, T] with one row per
+    routed layer (Mixture-of-Depths) or per layer (D-LLM, Leap-of-Thought), and `depth` with the layers each token
+    executed. Mixture-of-Depths adds `router_logits` (the logits decoding routes by), `router_bce` and
+    `router_z_loss`, and routes by logit > 0 with causal_routing; D-LLM and Leap-of-Thought add `router_logits`,
+    `execution_rate` and `rate_loss`, and are causal without causal_routing.
     """
 
     config: ModelConfig
@@ -59,6 +69,12 @@ class LanguageModel(nn.Module):
                 "kept_fraction": jnp.zeros((0,), jnp.float32),
                 "depth": jnp.full((batch, seq), cfg.num_layers, jnp.int32),
             }
+        elif cfg.kind == "mod":
+            h, aux = MixtureOfDepths(cfg, causal_routing, name="mod")(h, positions)
+        elif cfg.kind == "dllm":
+            h, aux = DLLM(cfg, name="dllm")(h, positions)
+        elif cfg.kind == "lot":
+            h, aux = LeapOfThought(cfg, name="lot")(h, positions)
         else:
             if cfg.recursion_start:
                 h, _ = layer_class(cfg, name="prelude")(h, positions, mask)

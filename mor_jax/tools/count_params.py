@@ -14,7 +14,7 @@ import math
 import sys
 
 from mor_jax.cli import print_json_line, run_main
-from mor_jax.config import load_config
+from mor_jax.config import RECURSIVE_KINDS, load_config
 
 # Path of the token embedding table in the parameter tree of `LanguageModel`.
 EMBEDDING_PATH = ("embed", "embedding")
@@ -59,7 +59,7 @@ def count_parameters(path: str) -> dict:
     # Router weights, decoding-only auxiliary routers included, are the parameters with "router" in a path part
     # (recursion/router_kernel, for example).
     router = sum(size for name, size in sizes.items() if any("router" in part for part in name))
-    recursive = m.kind != "vanilla"
+    recursive = m.kind in RECURSIVE_KINDS
     return {
         "config": path,
         "kind": m.kind,

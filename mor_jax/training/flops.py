@@ -5,6 +5,13 @@ causal pairs only; norms, activations, softmax and the embedding lookup are not 
 with the number of tokens it actually computes: k_r per sequence for expert-choice, the capacity buffer for
 token-choice with gathered execution, and every token for the masked path (which computes them all).
 
+Peer systems. Mixture-of-Depths counts k = max(1, floor(mod_capacity * T)) tokens in each routed layer on the
+gathered path and every token on the masked path. D-LLM and Leap-of-Thought compute every token at every layer (their
+only path is masked), so with gathered=False they are charged for every token. With gathered=True (the default, and
+what `train.flop_budget` uses) they are charged what an implementation that really skips would compute at the
+configured target_execution_rate: round(rate * T) tokens per layer, attending causally among themselves. That is an
+estimate: the realised rate follows the target only as closely as the rate loss pulls it.
+
 Training FLOPs are taken as 3x forward (backward costs about twice the forward).
 """
 
@@ -12,6 +19,7 @@ from __future__ import annotations
 
 from mor_jax.config import ModelConfig
 from mor_jax.model.capacity import recursion_token_counts
+from mor_jax.model.mixture_of_depths import mod_kept_count, routed_layers
 
 
 def _causal_pairs(n: int) -> int:
@@ -40,6 +48,10 @@ def forward_flops(config: ModelConfig, seq_len: int, gathered: bool = True, capa
     total = 2 * seq_len * d * v  # logits
     if config.kind == "vanilla":
         return total + config.num_layers * full_layer
+    if config.kind == "mod":
+        return total + _mixture_of_depths_flops(config, seq_len, gathered)
+    if config.kind in ("dllm", "lot"):
+        return total + _skipping_flops(config, seq_len, gathered)
 
     total += 2 * config.recursion_start * full_layer  # prelude and coda
     sharing = config.kv_strategy == "recursive_sharing"
@@ -54,6 +66,36 @@ def forward_flops(config: ModelConfig, seq_len: int, gathered: bool = True, capa
         total += config.block_layers * layer_flops(config, tokens, pairs, kv_tokens)
         total += _router_flops(config, tokens if config.routing == "expert_choice" else 0, seq_len, r)
     return total
+
+
+def _router_token_flops(config: ModelConfig, outputs: int = 1) -> int:
+    """Forward FLOPs of one router call on one token (linear, or the MLP of router_type="mlp")."""
+    if config.router_type == "mlp":
+        width = config.router_mlp_dim or config.d_model
+        return 2 * (config.d_model * width + width * outputs)
+    return 2 * config.d_model * outputs
+
+
+def _mixture_of_depths_flops(config: ModelConfig, seq_len: int, gathered: bool) -> int:
+    routed = routed_layers(config)
+    tokens = mod_kept_count(config, seq_len) if gathered else seq_len
+    total = (config.num_layers - len(routed)) * layer_flops(config, seq_len, _causal_pairs(seq_len), seq_len)
+    total += len(routed) * layer_flops(config, tokens, _causal_pairs(tokens), tokens)
+    router = _router_token_flops(config)
+    if config.causality == "aux_router":
+        width = config.router_mlp_dim or config.d_model
+        router += 2 * (config.d_model * width + width)  # the MLP predictor on stop_gradient(x)
+    return total + len(routed) * seq_len * router
+
+
+def _skipping_flops(config: ModelConfig, seq_len: int, gathered: bool) -> int:
+    tokens = round(config.target_execution_rate * seq_len) if gathered else seq_len
+    per_layer = layer_flops(config, tokens, _causal_pairs(tokens), tokens)
+    if config.kind == "lot":
+        # Leap-of-Thought's context key: one more score and one more weighted value per query.
+        per_layer += 2 * tokens * config.num_heads * config.head_dim * 2
+    per_layer += seq_len * _router_token_flops(config)  # every token's decision
+    return config.num_layers * per_layer
 
 
 def _router_flops(config: ModelConfig, tokens: int, seq_len: int, recursion: int) -> int:

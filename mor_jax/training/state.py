@@ -59,13 +59,13 @@ def _param_group(path, _) -> str:
 def make_optimizer(train: TrainConfig, model: ModelConfig | None = None) -> optax.GradientTransformation:
     """Global-norm clipping followed by AdamW.
 
-    With an expert-choice auxiliary router (model.causality="aux_router"), its parameters get their own AdamW whose
-    learning rate is model.aux_router_lr_multiplier times the schedule. They receive gradient only from their BCE
-    loss, since their input is stop_gradient(h).
+    With an auxiliary router (model.causality="aux_router": expert-choice MoR, or the Mixture-of-Depths predictor),
+    its parameters get their own AdamW whose learning rate is model.aux_router_lr_multiplier times the schedule. They
+    receive gradient only from their BCE loss, since their input is stop_gradient(h).
     """
     schedule = learning_rate_schedule(train)
     adamw = _adamw(train, schedule)
-    if model is not None and model.kind == "mor" and model.causality == "aux_router":
+    if model is not None and model.kind in ("mor", "mod") and model.causality == "aux_router":
         multiplier = model.aux_router_lr_multiplier
         adamw = optax.multi_transform(
             {"model": adamw, "aux_router": _adamw(train, lambda step: multiplier * schedule(step))},

@@ -19,7 +19,8 @@ from mor_jax.model.routing import loss_free_bias_update, warmup_capacities
 from mor_jax.training.state import TrainState
 
 # Router statistics copied from the model's aux into the training metrics when present.
-ROUTER_METRICS = ("router_bce", "router_z_loss", "balance_loss", "depth_fraction", "max_violation", "router_entropy")
+ROUTER_METRICS = ("router_bce", "router_z_loss", "balance_loss", "depth_fraction", "max_violation", "router_entropy",
+                  "execution_rate", "rate_loss")
 
 
 def token_nll(logits, targets):
@@ -179,8 +180,9 @@ def make_eval_step(model: LanguageModel, pad_id: int, token_bytes: np.ndarray):
 
     Sums (not means) so batches of different fill add up exactly: `nll` in nats, `tokens` counted, `bytes` of text
     the targets stand for (for bits per byte), `depth` summed over tokens, `dead` tokens that received at most one
-    recursion, and for recursive models `kept` tokens per recursion. Expert-choice adds `agreement` per recursion
-    between the decoding rule (logit >= 0) and top-k membership, over `candidates`; token-choice adds `depth_load`.
+    recursion, and for recursive models `kept` tokens per recursion (per routed layer or layer for the peer
+    systems). Expert-choice and Mixture-of-Depths add `agreement` per recursion or routed layer between the
+    decoding rule (logit >= 0) and top-k membership, over `candidates`; token-choice adds `depth_load`.
     """
     byte_table = jnp.asarray(token_bytes, jnp.float32)
     config = model.config
@@ -202,9 +204,12 @@ def make_eval_step(model: LanguageModel, pad_id: int, token_bytes: np.ndarray):
             row_weights = weights[None]
             stats["kept"] = jnp.sum(aux["kept"] * row_weights, axis=(1, 2))
             stats["dead"] = jnp.sum((depth <= 1) * weights)
-        if config.kind == "mor" and config.routing == "expert_choice":
+        if config.kind == "mod" or (config.kind == "mor" and config.routing == "expert_choice"):
             kept = aux["kept"]
-            candidates = jnp.concatenate([jnp.ones_like(kept[:1]), kept[:-1]], axis=0)
+            if config.kind == "mod":
+                candidates = jnp.ones_like(kept)  # every routed layer chooses among all tokens
+            else:
+                candidates = jnp.concatenate([jnp.ones_like(kept[:1]), kept[:-1]], axis=0)
             agree = (aux["router_logits"] >= 0.0) == kept
             stats["agreement"] = jnp.sum(agree * candidates * weights[None], axis=(1, 2))
             stats["candidates"] = jnp.sum(candidates * weights[None], axis=(1, 2))
