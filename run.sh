@@ -45,7 +45,9 @@ case "$command" in
         ;;
     test)
         setup
-        exec "$VENV/bin/python" -m pytest -q "$@"
+        # Two workers (MOR_JAX_TEST_WORKERS); each test file stays on one worker, so module fixtures and compiled
+        # functions are shared by the tests of a file.
+        exec "$VENV/bin/python" -m pytest -q -n "${MOR_JAX_TEST_WORKERS:-2}" --dist loadfile "$@"
         ;;
     *)
         echo "usage: ./run.sh train [--config FILE] [key=value ...] | eval --run_dir DIR | test [pytest args]" >&2

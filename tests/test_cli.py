@@ -53,6 +53,13 @@ def test_eval_rejects_missing_run_dir(tmp_path):
     assert_one_line_error(result, "run directory not found")
 
 
+def test_generate_rejects_missing_prompts(tmp_path):
+    result = run("-m", "mor_jax.tools.generate", "--run_dir", str(tmp_path))
+    assert_one_line_error(result, "no prompts")
+    result = run("-m", "mor_jax.tools.generate", "--run_dir", str(tmp_path / "missing"), "--prompt", "a")
+    assert_one_line_error(result, "run directory not found")
+
+
 def test_train_then_eval_print_json(tmp_path):
     run_dir = tmp_path / "run"
     trained = run("train.py", "--config", "configs/smoke.yaml", f"train.run_dir={run_dir}", "train.steps=10")
@@ -66,3 +73,8 @@ def test_train_then_eval_print_json(tmp_path):
     for key in ("val_loss", "val_bits_per_byte", "perplexity", "mean_depth", "kept_fraction_per_recursion"):
         assert key in final
     assert "--- sample ---" in evaluated.stdout
+    generated = run("-m", "mor_jax.tools.generate", "--run_dir", str(run_dir), "--prompt", "ROMEO.", "--prompt",
+                    "JULIET.", "--max_new_tokens", "8", "--temperature", "0", "--json")
+    assert generated.returncode == 0, generated.stderr
+    texts = json.loads(generated.stdout.strip().splitlines()[-1])["texts"]
+    assert len(texts) == 2 and all(len(t.encode("utf-8", "surrogateescape")) <= 8 for t in texts)

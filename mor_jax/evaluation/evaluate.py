@@ -13,11 +13,10 @@ import os
 from typing import Any, Optional
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from mor_jax.config import Config, MeshConfig, MorJaxError, load_config
 from mor_jax.data import Tokenizer, load_documents, make_tokenizer, make_val_batches, pack_documents
+from mor_jax.inference import SamplingParams, generate
 from mor_jax.model import LanguageModel, build_model
 from mor_jax.training import checkpoint as ckpt
 from mor_jax.training.evaluation import evaluate_batches
@@ -102,46 +101,18 @@ def generate_text(
     max_new_tokens: int = 200,
     temperature: float = 0.8,
     seed: int = 0,
+    top_k: int = 0,
+    top_p: float = 1.0,
 ) -> str:
-    """Sample a continuation of `prompt` by recomputing the full context each token (no KV cache).
+    """Sample a continuation of `prompt` with the KV-cached serving engine (`mor_jax.inference.generate`).
 
-    Expert-choice recursions route causally here (sigmoid(router logit) >= 0.5), so a token's depth never depends
-    on tokens after it. The context is the last data.seq_len tokens. temperature=0 is greedy decoding.
+    Expert-choice recursions route causally (sigmoid(router logit) >= 0.5), so a token's depth never depends on
+    tokens after it, and tokens whose router says stop skip the remaining recursions. The prompt plus
+    max_new_tokens must fit model.max_seq_len. temperature=0 is greedy decoding.
     """
     if max_new_tokens < 0:
         raise MorJaxError(f"max_new_tokens={max_new_tokens} must be >= 0")
-    if temperature < 0:
-        raise MorJaxError(f"temperature={temperature} must be >= 0")
-    tokenizer = run.tokenizer
-    window = run.config.data.seq_len
-    # Documents are separated by EOS in training, so EOS marks the start of a document.
-    ids = [tokenizer.eos_id] + [int(t) for t in tokenizer.encode(prompt)]
-    vocab = run.config.model.vocab_size
-    allowed = np.zeros((vocab,), bool)
-    allowed[: tokenizer.vocab_size] = True
-    allowed[tokenizer.pad_id] = False
-    allowed = jnp.asarray(allowed)
-
-    @jax.jit
-    def next_logits(variables, context, length):
-        logits, _ = run.model.apply(variables, context, causal_routing=True)
-        last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=False)
-        return jnp.where(allowed, last, -jnp.inf)
-
-    rng = jax.random.key(seed)
-    generated = []
-    for _ in range(max_new_tokens):
-        context = ids[-window:]
-        buffer = np.full((1, window), tokenizer.pad_id, np.int32)
-        buffer[0, : len(context)] = context
-        logits = next_logits(run.variables, jnp.asarray(buffer), len(context))
-        if temperature == 0:
-            token = int(jnp.argmax(logits))
-        else:
-            rng, key = jax.random.split(rng)
-            token = int(jax.random.categorical(key, logits / temperature))
-        if token == tokenizer.eos_id:
-            break
-        ids.append(token)
-        generated.append(token)
-    return tokenizer.decode(np.asarray(generated, np.int32))
+    if max_new_tokens == 0:
+        return ""
+    sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    return generate(run.config.model, run.variables, run.tokenizer, [prompt], max_new_tokens, sampling)[0]

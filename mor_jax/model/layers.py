@@ -58,13 +58,16 @@ class Attention(nn.Module):
     mask: bool [B, T, S], True where query t may attend to key s. Every row must allow at least one key (callers
     keep the diagonal), so no softmax row is fully masked. With `kv` given ([B, S, K, Dh] keys, already
     rotated, and values), the layer attends to those instead of projecting its own input (recursive KV sharing).
-    Returns (output [B, T, D], (keys, values) that were attended to).
+    With `cache` given as (keys [B, S, K, Dh], values, slots int [B, T]), the layer writes its new keys and values
+    into the cache at `slots` (slots outside 0..S-1 are dropped, so a token can write nothing) and attends to the
+    whole cache; `mask` is then [B, T, S] over cache entries (KV-cached decoding).
+    Returns (output [B, T, D], (keys, values) that were attended to: the updated cache when one is given).
     """
 
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, kv=None):
+    def __call__(self, x, positions, mask, kv=None, cache=None):
         cfg = self.config
         dtype = dtype_of(cfg)
         heads, kv_heads, head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -81,6 +84,11 @@ class Attention(nn.Module):
             k = projection("key", (kv_heads, head_dim), ("embed", "kv_heads", "kv"))(x)  # [B, S, K, Dh]
             v = projection("value", (kv_heads, head_dim), ("embed", "kv_heads", "kv"))(x)
             k = apply_rope(k, positions, cfg.rope_theta)
+            if cache is not None:
+                cache_k, cache_v, slots = cache
+                rows = jnp.arange(x.shape[0])[:, None]
+                k = cache_k.at[rows, slots].set(k.astype(cache_k.dtype), mode="drop")
+                v = cache_v.at[rows, slots].set(v.astype(cache_v.dtype), mode="drop")
         else:
             k, v = kv
 
@@ -125,9 +133,9 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask, kv=None):
+    def __call__(self, x, positions, mask, kv=None, cache=None):
         attended, kv = Attention(self.config, name="attention")(
-            RMSNorm(self.config, name="attention_norm")(x), positions, mask, kv
+            RMSNorm(self.config, name="attention_norm")(x), positions, mask, kv, cache
         )
         h = x + attended
         return h + MLP(self.config, name="mlp")(RMSNorm(self.config, name="mlp_norm")(h)), kv
