@@ -14,12 +14,13 @@ from mor_jax.data import ByteTokenizer
 from mor_jax.inference import Engine, Request, SamplingParams, generate
 from mor_jax.inference.cache import init_cache, make_layout, paper_block_ratio, used_bytes, vanilla_bytes_per_token
 from mor_jax.inference.decode import forward_cached, split_variables
+from mor_jax.inference.engine import _recompute_decode
 from mor_jax.inference.sampling import sample_tokens
 from mor_jax.model import build_model, init_variables
 
 TINY = ModelConfig(kind="mor", num_layers=8, num_recursions=3, vocab_size=384, d_model=32, num_heads=4,
                    num_kv_heads=2, head_dim=8, d_ff=64, max_seq_len=64)
-# Float32 on CPU. The cache holds the same keys and values as the full pass, in another order (compacted depth
+# Float32 on CPU. The cache contains the same keys and values as the full pass, in another order (compacted depth
 # segments), so sums run in another order: a few ulps of difference, and 1e-5 leaves room for nothing more.
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 MAX_LEN = 24
@@ -290,6 +291,27 @@ def test_generate_returns_text_for_every_prompt():
     assert texts == again  # seeded per request, whatever the batch
 
 
+def test_generate_recomputes_for_models_the_engine_cannot_serve():
+    # Sequence sharing applies different layers per depth, so the engine rejects it and generate recomputes.
+    name = "expert_sequence"
+    config, variables = model_case(name)
+    request = engine_requests(count=1, seed=9)[0]
+    tokens = _recompute_decode(config, variables, request, MAX_LEN, -1, np.ones(config.vocab_size, bool))
+    assert tokens == reference_greedy(name, request)[0]
+    mod = dataclasses.replace(TINY, kind="mod", num_layers=4)
+    mod_variables = nn.unbox(init_variables(build_model(mod), jax.random.key(0)))
+    texts = generate(mod, mod_variables, ByteTokenizer(), ["ab"], max_new_tokens=3)
+    assert len(texts) == 1
+
+
+def test_generate_rejects_bad_arguments():
+    config, variables = model_case("expert")
+    with pytest.raises(MorJaxError, match="list of strings"):
+        generate(config, variables, ByteTokenizer(), "ROMEO.", max_new_tokens=3)
+    with pytest.raises(MorJaxError, match="max_new_tokens"):
+        generate(config, variables, ByteTokenizer(), ["a"], max_new_tokens=2.5)
+
+
 # --- sampling ------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
@@ -328,3 +350,9 @@ def test_sampling_is_seeded_per_row():
         SamplingParams(temperature=-1.0)
     with pytest.raises(MorJaxError, match="top_p"):
         SamplingParams(top_p=0.0)
+    with pytest.raises(MorJaxError, match="finite"):
+        SamplingParams(temperature=float("inf"))
+    with pytest.raises(MorJaxError, match="seed"):
+        SamplingParams(seed=None)
+    with pytest.raises(MorJaxError, match="top_k"):
+        SamplingParams(top_k=2.5)

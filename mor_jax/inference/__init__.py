@@ -1,6 +1,6 @@
 """Autoregressive inference: KV caches, cached decoding with causal routing, and the serving engine."""
 
-from mor_jax.inference.engine import Completion, Engine, Request, generate
+from mor_jax.inference.engine import Completion, Engine, Request, allowed_token_mask, engine_supports, generate
 from mor_jax.inference.sampling import SamplingParams
 
-__all__ = ["Completion", "Engine", "Request", "SamplingParams", "generate"]
+__all__ = ["Completion", "Engine", "Request", "SamplingParams", "allowed_token_mask", "engine_supports", "generate"]

@@ -1,6 +1,6 @@
 """Serving engine with early exit and continuous depth-wise batching.
 
-The engine holds `max_batch` request rows with their KV caches. Every request has one token in flight. One engine
+The engine keeps `max_batch` request rows with their KV caches. Every request has one token in flight. One engine
 step, compiled once with static shapes:
 
 1. enter lane: up to `lane_size` tokens that just entered (a request's newest token) run the embedding and the
@@ -474,6 +474,21 @@ def _block_step(cfg: ModelConfig, layout: CacheLayout, rec: dict, state: EngineS
     )
 
 
+def allowed_token_mask(tokenizer, vocab_size: int) -> np.ndarray:
+    """Tokens a model may generate: the tokenizer's ids except padding (the embedding table may have more rows)."""
+    allowed = np.zeros((vocab_size,), bool)
+    allowed[: tokenizer.vocab_size] = True
+    allowed[tokenizer.pad_id] = False
+    return allowed
+
+
+def engine_supports(config: ModelConfig) -> bool:
+    """Whether the serving engine can run this model (vanilla, recursive or MoR with cycle-style sharing)."""
+    if config.kind == "vanilla":
+        return True
+    return config.kind in ("recursive", "mor") and slots_are_static(config)
+
+
 def generate(config: ModelConfig, variables: dict, tokenizer, prompts: Sequence[str], max_new_tokens: int = 200,
              sampling: SamplingParams = SamplingParams(), max_batch: int = 32, max_len: Optional[int] = None,
              progress: bool = False) -> list[str]:
@@ -481,7 +496,14 @@ def generate(config: ModelConfig, variables: dict, tokenizer, prompts: Sequence[
 
     Every prompt starts a new document (EOS first, as in training); generation stops at EOS or max_new_tokens.
     Request i samples with seed sampling.seed + i. max_len defaults to the longest prompt plus max_new_tokens.
+    Models the engine cannot serve (the peer kinds, the sequence sharing strategies) are decoded one prompt at a
+    time by recomputing the whole context with the decoding routing rule for every new token: the same tokens,
+    much slower.
     """
+    if isinstance(prompts, (str, bytes)) or not all(isinstance(p, str) for p in prompts):
+        raise MorJaxError("prompts must be a list of strings; wrap a single prompt as [prompt]")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise MorJaxError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
     encoded = [[tokenizer.eos_id] + [int(t) for t in tokenizer.encode(p)] for p in prompts]
     if not encoded:
         return []
@@ -491,15 +513,48 @@ def generate(config: ModelConfig, variables: dict, tokenizer, prompts: Sequence[
             f"the longest prompt ({needed - max_new_tokens} tokens with the leading EOS) plus max_new_tokens "
             f"({max_new_tokens}) exceeds model.max_seq_len={config.max_seq_len}; shorten it or ask for fewer tokens")
     max_len = max_len or needed
-    allowed = np.zeros((config.vocab_size,), bool)
-    allowed[: tokenizer.vocab_size] = True
-    allowed[tokenizer.pad_id] = False
-    engine = Engine(config, variables, max_batch=min(max_batch, len(prompts)), max_len=max_len,
-                    eos_id=tokenizer.eos_id, allowed_tokens=allowed)
+    allowed = allowed_token_mask(tokenizer, config.vocab_size)
     requests = [Request(e, max_new_tokens, dataclasses.replace(sampling, seed=sampling.seed + i))
                 for i, e in enumerate(encoded)]
+    if engine_supports(config):
+        engine = Engine(config, variables, max_batch=min(max_batch, len(prompts)), max_len=max_len,
+                        eos_id=tokenizer.eos_id, allowed_tokens=allowed)
+        completions = [c.tokens for c in engine.run(requests, progress=progress)]
+    else:
+        completions = [_recompute_decode(config, variables, r, max_len, tokenizer.eos_id, allowed)
+                       for r in tqdm(requests, desc="requests", disable=not progress)]
     texts = []
-    for completion in engine.run(requests, progress=progress):
-        tokens = [t for t in completion.tokens if t != tokenizer.eos_id]
+    for tokens in completions:
+        tokens = [t for t in tokens if t != tokenizer.eos_id]
         texts.append(tokenizer.decode(np.asarray(tokens, np.int32)))
     return texts
+
+
+def _recompute_decode(config: ModelConfig, variables: dict, request: Request, max_len: int, eos_id: int,
+                      allowed: np.ndarray) -> list:
+    """Decode one request by running the full model on its whole context for every token (no cache)."""
+    from mor_jax.model import build_model
+
+    model = build_model(config)
+    s = request.sampling
+
+    @jax.jit
+    def next_token(context, length, index):
+        logits, _ = model.apply(variables, context, causal_routing=True)
+        last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=False)
+        key = jax.random.key_data(jax.random.key(s.seed))
+        return sample_tokens(last[None], jnp.asarray(allowed), key[None], index[None],
+                             jnp.full((1,), s.temperature, jnp.float32), jnp.full((1,), s.top_k, jnp.int32),
+                             jnp.full((1,), s.top_p, jnp.float32))[0]
+
+    context = np.zeros((1, max_len), np.int32)
+    context[0, : len(request.prompt)] = request.prompt
+    length, tokens = len(request.prompt), []
+    while len(tokens) < request.max_new_tokens:
+        token = int(next_token(jnp.asarray(context), jnp.int32(length), jnp.int32(len(tokens))))
+        tokens.append(token)
+        if (request.stop_at_eos and token == eos_id) or length >= max_len:
+            break
+        context[0, length] = token
+        length += 1
+    return tokens

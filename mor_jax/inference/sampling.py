@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from mor_jax.config import MorJaxError
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How one request picks its tokens.
+    """Sampling settings of one request.
 
     temperature 0 is greedy decoding. top_k 0 and top_p 1.0 switch those filters off. The seed makes a request's
     samples reproducible whatever other requests share the batch: token n uses fold_in(key(seed), n).
@@ -24,8 +25,14 @@ class SamplingParams:
     seed: int = 0
 
     def __post_init__(self):
-        if not self.temperature >= 0.0:
-            raise MorJaxError(f"temperature={self.temperature} must be >= 0 (0 is greedy)")
+        for name in ("temperature", "top_p"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), (int, float)):
+                raise MorJaxError(f"{name}={getattr(self, name)!r} must be a number")
+        for name in ("top_k", "seed"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
+                raise MorJaxError(f"{name}={getattr(self, name)!r} must be an integer")
+        if not 0.0 <= self.temperature < math.inf:
+            raise MorJaxError(f"temperature={self.temperature} must be finite and >= 0 (0 is greedy)")
         if self.top_k < 0:
             raise MorJaxError(f"top_k={self.top_k} must be >= 0 (0 keeps every token)")
         if not 0.0 < self.top_p <= 1.0:

@@ -34,7 +34,7 @@ def main() -> None:
     prompts = list(args.prompt)
     if args.prompts_file:
         try:
-            with open(args.prompts_file, encoding="utf-8") as f:
+            with open(args.prompts_file, encoding="utf-8-sig") as f:  # utf-8-sig drops a byte-order mark
                 prompts += [line.rstrip("\n") for line in f if line.strip()]
         except (OSError, UnicodeDecodeError) as error:
             raise MorJaxError(f"cannot read --prompts_file {args.prompts_file}: {error}") from error
