@@ -14,7 +14,7 @@ from mor_jax.data import ByteTokenizer
 from mor_jax.inference import Engine, Request, SamplingParams, generate
 from mor_jax.inference.cache import init_cache, make_layout, paper_block_ratio, used_bytes, vanilla_bytes_per_token
 from mor_jax.inference.decode import forward_cached, split_variables
-from mor_jax.inference.engine import _recompute_decode
+from mor_jax.inference.engine import _recompute_decode, _recompute_step
 from mor_jax.inference.sampling import sample_tokens
 from mor_jax.model import build_model, init_variables
 
@@ -223,7 +223,7 @@ def test_engine_matches_reference_decoding(name):
 
 
 @pytest.mark.parametrize("name", ["expert", "token"])
-def test_engine_gives_the_same_text_alone_and_among_others(name):
+def test_engine_text_alone_equals_batched(name):
     requests = engine_requests(count=6, seed=3)
     # A one-token lane: tokens that finish their recursions together wait for the output head in turn.
     together = engine(name, 3, lane_size=1).run(requests)
@@ -232,14 +232,14 @@ def test_engine_gives_the_same_text_alone_and_among_others(name):
         assert a.tokens == b.tokens
 
 
-def test_engine_mixes_depths_in_one_block_call_and_skips_stopped_tokens():
+def test_engine_block_items_follow_depths():
     eng = engine("expert", 4)
     before = int(eng.state.block_items)
     completions = eng.run(engine_requests(count=4, seed=5))
     items = int(eng.state.block_items) - before
     depths = [d for c in completions for d in c.depths]
-    # Every generated token's predecessor ran exactly its depth in block items (the prompt's last token ran in
-    # the prefill); items never exceed tokens x N_r when tokens stop early.
+    # Each decoded token ran its depth in block items; the prompt's last token ran in the prefill instead. Tokens
+    # that stop early keep the items below tokens x N_r.
     decoded_depths = sum(sum(c.depths[1:]) for c in completions)
     assert items == decoded_depths
     assert items < len(depths) * TINY.num_recursions
@@ -296,7 +296,8 @@ def test_generate_recomputes_for_models_the_engine_cannot_serve():
     name = "expert_sequence"
     config, variables = model_case(name)
     request = engine_requests(count=1, seed=9)[0]
-    tokens = _recompute_decode(config, variables, request, MAX_LEN, -1, np.ones(config.vocab_size, bool))
+    next_token = _recompute_step(config, np.ones(config.vocab_size, bool))
+    tokens = _recompute_decode(next_token, variables, request, MAX_LEN, -1)
     assert tokens == reference_greedy(name, request)[0]
     mod = dataclasses.replace(TINY, kind="mod", num_layers=4)
     mod_variables = nn.unbox(init_variables(build_model(mod), jax.random.key(0)))

@@ -107,7 +107,7 @@ def generate_text(
     """Sample a continuation of `prompt` with the KV-cached serving engine (`mor_jax.inference.generate`).
 
     Expert-choice recursions route causally (sigmoid(router logit) >= 0.5), so a token's depth never depends on
-    tokens after it, and tokens whose router says stop skip the remaining recursions. The prompt plus
+    tokens after it, and tokens whose router stops them skip the remaining recursions. The prompt plus
     max_new_tokens must fit model.max_seq_len. temperature=0 is greedy decoding.
     """
     if max_new_tokens < 0:

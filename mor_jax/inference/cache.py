@@ -1,7 +1,7 @@
 """KV caches for decoding: one per unique layer outside the recursions, and per-depth segments inside them.
 
-Layers outside the recursions (every layer of the vanilla model; the prelude and coda of the middle strategies) keep
-an ordinary cache indexed by token position: keys [rows, max_len, K, Dh].
+Layers outside the recursions keep an ordinary cache indexed by token position: keys [rows, max_len, K, Dh]. These
+are every layer of the vanilla model, and the prelude and coda of the middle strategies.
 
 The recursion block keeps, per block position, one array [rows, total, K, Dh] split into one segment per recursion
 depth:
@@ -105,7 +105,7 @@ class KVCache:
 
 
 def init_cache(config: ModelConfig, layout: CacheLayout, rows: int) -> KVCache:
-    """An empty cache for `rows` requests."""
+    """Create an empty cache for `rows` requests."""
     dtype = dtype_of(config)
     kv = (config.num_kv_heads, config.head_dim)
 
@@ -147,7 +147,7 @@ def used_bytes(config: ModelConfig, layout: CacheLayout, lengths, counts) -> dic
 
 
 def paper_block_ratio(config: ModelConfig) -> Optional[float]:
-    """The MoR paper's KV memory ratio of the recursion block: (N_r + 1) / (2 N_r) for caching, 1 / N_r for sharing."""
+    """Return the MoR paper's KV memory ratio of the recursion block: (N_r + 1) / (2 N_r) caching, 1 / N_r sharing."""
     if config.kind != "mor":
         return None
     n = config.num_recursions

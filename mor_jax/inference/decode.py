@@ -13,7 +13,7 @@ Attention at recursion r reads the depth-r segment of the cache (recursion-wise 
 logits of one full forward pass with causal routing (tests/test_inference.py).
 
 When no token of the chunk runs a recursion, `lax.cond` skips that recursion's block entirely, and
-`stats["block_calls"]` counts the recursions that ran: a single-token step whose router says stop after recursion
+`stats["block_calls"]` counts the recursions that ran: a single-token step whose router stops it after recursion
 r runs r + 1 blocks, not N_r.
 
 This path serves aligned rows (every row at the same step). The serving engine in `mor_jax.inference.engine` batches
@@ -43,7 +43,7 @@ def split_variables(variables: dict) -> tuple[dict, Optional[jnp.ndarray]]:
 
 
 def apply_layer(config: ModelConfig, params, x, positions, mask, kv=None, cache=None):
-    """One decoder layer with the given parameters; see `Attention` for kv and cache."""
+    """Apply one decoder layer with the given parameters (see `Attention` for kv and cache)."""
     return DecoderLayer(config).apply({"params": params}, x, positions, mask, kv=kv, cache=cache)
 
 
@@ -61,7 +61,7 @@ def output_logits(config: ModelConfig, params, h):
 
 
 def router_at(params: dict, name: str, recursion: Optional[int]) -> dict:
-    """One router's weights from the recursion parameters (recursion=None for the token-choice router)."""
+    """Return one router's weights from the recursion parameters (recursion=None for the token-choice router)."""
     found = {}
     for part in ("kernel", "hidden"):
         key = f"{name}_{part}"

@@ -7,8 +7,9 @@ step, compiled once with static shapes:
    prelude (every layer for the vanilla model) and, for token-choice, get their depth from the router;
 2. every in-flight token runs one recursion of the shared block, each at its own depth: a batch of `max_batch`
    (request, depth) items, all applying the same block weights, each attending to its request's cache segment of
-   that depth. A token stops when the next recursion's router says so (expert-choice: sigmoid(logit) < 0.5), at
-   its chosen depth (token-choice), after the last recursion, or when its next depth segment is full;
+   that depth. A token stops when the next recursion's router sends it no further (expert-choice:
+   sigmoid(logit) < 0.5), at its chosen depth (token-choice), after the last recursion, or when its next depth
+   segment is full;
 3. exit lane: up to `lane_size` stopped tokens run the coda, the output head and sampling; the sampled token enters
    at the next step, or the request finishes (max_new_tokens, EOS, or max_len). Stopped tokens beyond the lane
    wait a step.
@@ -124,7 +125,7 @@ class Engine:
     allowed_tokens: bool [vocab] of tokens that may be generated (default: all). depth_cache: segment sizes of the
     recursion-wise caches ("full", "capacity" or fractions; see `mor_jax.inference.cache.allocation_fractions`).
     lane_size: tokens per step that run the layers before and after the recursions and the output head (default:
-    `default_lane_size`); a token that finished its recursions waits for a free place in that lane.
+    `default_lane_size`). A token that finished its recursions waits for a free place in that lane.
     """
 
     def __init__(self, config: ModelConfig, variables: dict, max_batch: int = 32, max_len: int = 512,
@@ -282,8 +283,8 @@ def _admit(state: EngineState, row_state: dict, row):
 def default_lane_size(config: ModelConfig, max_batch: int) -> int:
     """Enter/exit lane width: 1.25 x the tokens expected to finish per step (max_batch / mean depth), plus one.
 
-    The mean depth is the sum of the expert-choice capacities, (N_r + 1) / 2 for balanced token-choice, N_r for the
-    recursive model; the vanilla model finishes every token at every step.
+    The mean depth is the sum of the expert-choice capacities, (N_r + 1) / 2 for balanced token-choice and N_r for
+    the recursive model. The vanilla model finishes every token at every step.
     """
     if config.kind == "vanilla":
         return max_batch
@@ -327,7 +328,7 @@ def _lane_layer(cfg: ModelConfig, layer_params, pair, x, rows, valid, positions,
 
 def _engine_step(config: ModelConfig, layout: CacheLayout, eos_id: int, lane: int, params, bias, allowed,
                  state: EngineState):
-    """One engine step: enter lane, one recursion for every in-flight token, exit lane (module docstring)."""
+    """Run one engine step: enter lane, one recursion for every in-flight token, exit lane (module docstring)."""
     cfg = config
     max_len = layout.max_len
     layers = list(state.cache.layers)
@@ -483,7 +484,7 @@ def allowed_token_mask(tokenizer, vocab_size: int) -> np.ndarray:
 
 
 def engine_supports(config: ModelConfig) -> bool:
-    """Whether the serving engine can run this model (vanilla, recursive or MoR with cycle-style sharing)."""
+    """Return whether the serving engine can run this model (vanilla, recursive or MoR with cycle-style sharing)."""
     if config.kind == "vanilla":
         return True
     return config.kind in ("recursive", "mor") and slots_are_static(config)
@@ -521,7 +522,8 @@ def generate(config: ModelConfig, variables: dict, tokenizer, prompts: Sequence[
                         eos_id=tokenizer.eos_id, allowed_tokens=allowed)
         completions = [c.tokens for c in engine.run(requests, progress=progress)]
     else:
-        completions = [_recompute_decode(config, variables, r, max_len, tokenizer.eos_id, allowed)
+        next_token = _recompute_step(config, allowed)  # compiled once, shared by all requests
+        completions = [_recompute_decode(next_token, variables, r, max_len, tokenizer.eos_id)
                        for r in tqdm(requests, desc="requests", disable=not progress)]
     texts = []
     for tokens in completions:
@@ -530,28 +532,33 @@ def generate(config: ModelConfig, variables: dict, tokenizer, prompts: Sequence[
     return texts
 
 
-def _recompute_decode(config: ModelConfig, variables: dict, request: Request, max_len: int, eos_id: int,
-                      allowed: np.ndarray) -> list:
-    """Decode one request by running the full model on its whole context for every token (no cache)."""
+def _recompute_step(config: ModelConfig, allowed: np.ndarray):
+    """Compile the no-cache decoding step: the full model on a padded context, then sampling at `length - 1`."""
     from mor_jax.model import build_model
 
     model = build_model(config)
-    s = request.sampling
+    allowed = jnp.asarray(allowed)
 
     @jax.jit
-    def next_token(context, length, index):
+    def next_token(variables, context, length, index, key, temperature, top_k, top_p):
         logits, _ = model.apply(variables, context, causal_routing=True)
         last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=False)
-        key = jax.random.key_data(jax.random.key(s.seed))
-        return sample_tokens(last[None], jnp.asarray(allowed), key[None], index[None],
-                             jnp.full((1,), s.temperature, jnp.float32), jnp.full((1,), s.top_k, jnp.int32),
-                             jnp.full((1,), s.top_p, jnp.float32))[0]
+        return sample_tokens(last[None], allowed, key[None], index[None], temperature[None], top_k[None],
+                             top_p[None])[0]
 
+    return next_token
+
+
+def _recompute_decode(next_token, variables: dict, request: Request, max_len: int, eos_id: int) -> list:
+    """Decode one request by running the full model on its whole context for every token (no cache)."""
+    s = request.sampling
+    settings = (jax.random.key_data(jax.random.key(s.seed)), jnp.float32(s.temperature), jnp.int32(s.top_k),
+                jnp.float32(s.top_p))
     context = np.zeros((1, max_len), np.int32)
     context[0, : len(request.prompt)] = request.prompt
     length, tokens = len(request.prompt), []
     while len(tokens) < request.max_new_tokens:
-        token = int(next_token(jnp.asarray(context), jnp.int32(length), jnp.int32(len(tokens))))
+        token = int(next_token(variables, jnp.asarray(context), jnp.int32(length), jnp.int32(len(tokens)), *settings))
         tokens.append(token)
         if (request.stop_at_eos and token == eos_id) or length >= max_len:
             break
